@@ -1,0 +1,375 @@
+"""Checkpoints: a local directory or a Hugging Face hub id → config, Flax params, tokenizer.
+
+Weights are read with safetensors (memory-mapped, no torch) and each parameter is built
+shard by shard straight onto its device sharding: a device's piece is cut from the file's
+tensor layer by layer, so the host never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from safetensors import safe_open
+
+from starcoder_lsp import sharding
+from starcoder_lsp.config import ModelConfig
+from starcoder_lsp.errors import CheckpointError, TokenizerError
+from starcoder_lsp.model import abstract_params
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+CONVERT_HINT = (
+    "starcoder-lsp reads safetensors only (no torch at run time). Convert it once with:\n"
+    "  python -c \"from transformers import AutoModelForCausalLM as M; "
+    "M.from_pretrained('{src}').save_pretrained('{src}-safetensors')\"\n"
+    "and point --model at {src}-safetensors"
+)
+
+
+def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, downloading a hub id (as transformers does) if needed.
+
+    Gated repositories (bigcode/starcoder) need a token: HF_TOKEN or `hf auth login`.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; --model takes a checkpoint directory")
+    if not _HUB_ID.match(text):
+        raise CheckpointError(f"no checkpoint directory at {text}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{text} is gated: accept its licence on the Hugging Face hub, then set HF_TOKEN "
+            "or run `hf auth login`"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{text} is not a local directory and could not be fetched from the Hugging Face "
+            "hub (offline?). Pass a checkpoint directory, or make one without network with "
+            "`starcoder-lsp make-random-model DIR`"
+        ) from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"could not fetch {text} from the Hugging Face hub: {e}") from None
+
+
+def load_config(directory: Path) -> ModelConfig:
+    return ModelConfig.from_json_file(directory / "config.json")
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file holding it (single file or sharded index)."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index: {e}") from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise CheckpointError(f"{index} names {file.name}, which is missing")
+        return files
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), single)
+    if any(directory.glob("pytorch_model*.bin")):
+        raise CheckpointError(
+            f"{directory} holds only PyTorch .bin weights. " + CONVERT_HINT.format(src=directory)
+        )
+    raise CheckpointError(f"{directory} has no {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+class _Reader:
+    """Open safetensors files by tensor name; each file is memory-mapped once."""
+
+    def __init__(self, files: dict[str, Path], stack: ExitStack) -> None:
+        self._files = files
+        self._stack = stack
+        self._open: dict[Path, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def _handle(self, name: str) -> object:
+        if name not in self._files:
+            raise CheckpointError(f"the checkpoint has no tensor {name}")
+        file = self._files[name]
+        if file not in self._open:
+            self._open[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+        return self._open[file]
+
+
+# How each parameter of model.py is made from transformers' tensors. `layer` is None for
+# parameters outside the layer stack. Linear weights are [out, in] in PyTorch, [in, out] here.
+Source = Callable[[_Reader, int | None], np.ndarray]
+
+
+def _sources(config: ModelConfig) -> dict[str, Source]:
+    d, h, hd, kv = config.n_embd, config.n_head, config.head_dim, config.kv_heads
+    layer_name = lambda i, rest: f"transformer.h.{i}.{rest}"
+
+    def plain(rest: str, transpose: bool = False) -> Source:
+        def read(r: _Reader, i: int | None) -> np.ndarray:
+            t = r.read(layer_name(i, rest) if i is not None else f"transformer.{rest}")
+            return t.T if transpose else t
+
+        return read
+
+    def c_attn(part: str, suffix: str) -> Source:
+        # MQA packs rows as [q (d) | k (hd) | v (hd)]; MHA interleaves them per head as
+        # [head][q|k|v][hd]. Both become q_proj [.., h·hd] and kv_proj [.., 2·kv·hd].
+        def read(r: _Reader, i: int | None) -> np.ndarray:
+            t = r.read(layer_name(i, f"attn.c_attn.{suffix}"))
+            rows = t.reshape(kv, 3 * hd, *t.shape[1:]) if not config.multi_query else None
+            if config.multi_query:
+                out = t[:d] if part == "q" else t[d:]
+            elif part == "q":
+                out = rows[:, :hd].reshape(d, *t.shape[1:])
+            else:
+                out = rows[:, hd:].reshape(kv, 2, hd, *t.shape[1:]).swapaxes(0, 1)
+                out = out.reshape(2 * kv * hd, *t.shape[1:])
+            return out.T if suffix == "weight" else out
+
+        return read
+
+    sources: dict[str, Source] = {
+        "wte/embedding": plain("wte.weight"),
+        "wpe/embedding": plain("wpe.weight"),
+        "ln_f/scale": plain("ln_f.weight"),
+        "ln_f/bias": plain("ln_f.bias"),
+        "h/attn/q_proj/kernel": c_attn("q", "weight"),
+        "h/attn/q_proj/bias": c_attn("q", "bias"),
+        "h/attn/kv_proj/kernel": c_attn("kv", "weight"),
+        "h/attn/kv_proj/bias": c_attn("kv", "bias"),
+    }
+    for norm in ("ln_1", "ln_2"):
+        sources[f"h/{norm}/scale"] = plain(f"{norm}.weight")
+        sources[f"h/{norm}/bias"] = plain(f"{norm}.bias")
+    for linear in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        key = "h/" + linear.replace(".", "/")
+        sources[f"{key}/kernel"] = plain(f"{linear}.weight", transpose=True)
+        sources[f"{key}/bias"] = plain(f"{linear}.bias")
+    return sources
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """transformers' tensor names and shapes for this config (tied head: no lm_head)."""
+    d, inner = config.n_embd, config.inner_dim
+    c_attn = d + 2 * config.kv_heads * config.head_dim
+    shapes = {
+        "transformer.wte.weight": (config.vocab_size, d),
+        "transformer.wpe.weight": (config.n_positions, d),
+        "transformer.ln_f.weight": (d,),
+        "transformer.ln_f.bias": (d,),
+    }
+    per_layer = {
+        "ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+        "attn.c_attn.weight": (c_attn, d), "attn.c_attn.bias": (c_attn,),
+        "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
+        "mlp.c_fc.weight": (inner, d), "mlp.c_fc.bias": (inner,),
+        "mlp.c_proj.weight": (d, inner), "mlp.c_proj.bias": (d,),
+    }  # fmt: skip
+    for i in range(config.n_layer):
+        shapes.update({f"transformer.h.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def check_shapes(reader: _Reader, config: ModelConfig) -> None:
+    names = reader.names()
+    for name, shape in expected_shapes(config).items():
+        if name not in names:
+            raise CheckpointError(f"the checkpoint has no tensor {name} (needed by its config)")
+        actual = reader.shape(name)
+        if actual != shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {list(actual)}, but config.json implies {list(shape)}"
+            )
+
+
+def _place(
+    source: Source,
+    reader: _Reader,
+    leaf: jax.ShapeDtypeStruct,
+    target: jax.sharding.Sharding,
+    stacked: bool,
+    dtype: np.dtype,
+) -> jax.Array:
+    """One parameter, each device's piece cut from the file as that device needs it."""
+
+    def piece(index: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return np.asarray(source(reader, None)[index], dtype)
+        layers = range(*index[0].indices(leaf.shape[0]))
+        return np.stack([np.asarray(source(reader, i)[index[1:]], dtype) for i in layers])
+
+    return jax.make_array_from_callback(leaf.shape, target, piece)
+
+
+def load_params(
+    directory: Path,
+    config: ModelConfig,
+    mesh: Mesh | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """The Flax parameter tree, each leaf placed on its sharding of `mesh`."""
+    mesh = mesh if mesh is not None else sharding.make_mesh("1x1")
+    abstract = abstract_params(config, dtype)
+    shardings = sharding.param_shardings(abstract, mesh)
+    sources = _sources(config)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    placed = {}
+    with ExitStack() as stack:
+        reader = _Reader(weight_files(directory), stack)
+        check_shapes(reader, config)
+        flat_shardings = dict(_flatten(shardings))
+        for n, (path, leaf) in enumerate(leaves):
+            key = sharding.path_str(path)
+            placed[key] = _place(
+                sources[key], reader, leaf, flat_shardings[key], key.startswith("h/"), np_dtype
+            )
+            if progress:
+                progress(key, n + 1, len(leaves))
+    return _unflatten(placed)
+
+
+def _flatten(tree: dict) -> Iterator[tuple[str, object]]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield sharding.path_str(path), leaf
+
+
+def _unflatten(flat: dict[str, jax.Array]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, last = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return tree
+
+
+# --- tokenizer -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the tokens prompts and stopping rely on, looked up by name in the tokenizer."""
+
+    eos: int
+    fim_prefix: int
+    fim_middle: int
+    fim_suffix: int
+    fim_pad: int | None
+    filename: int | None
+    file_sep: int | None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a completion: end of text and any FIM marker or file separator."""
+        ids = (self.eos, self.fim_prefix, self.fim_middle, self.fim_suffix, self.fim_pad,
+               self.filename, self.file_sep)  # fmt: skip
+        return tuple(sorted({i for i in ids if i is not None}))
+
+
+# StarCoder spells them with underscores, SantaCoder with hyphens.
+_SPELLINGS = {
+    "eos": ("<|endoftext|>",),
+    "fim_prefix": ("<fim_prefix>", "<fim-prefix>"),
+    "fim_middle": ("<fim_middle>", "<fim-middle>"),
+    "fim_suffix": ("<fim_suffix>", "<fim-suffix>"),
+    "fim_pad": ("<fim_pad>", "<fim-pad>"),
+    "filename": ("<filename>",),
+    "file_sep": ("<file_sep>",),
+}
+_REQUIRED = ("eos", "fim_prefix", "fim_middle", "fim_suffix")
+
+
+def special_tokens(tokenizer: object) -> SpecialTokens:
+    vocab = tokenizer.get_vocab()
+    found = {
+        field: next((vocab[s] for s in spellings if s in vocab), None)
+        for field, spellings in _SPELLINGS.items()
+    }
+    if found["eos"] is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        found["eos"] = tokenizer.eos_token_id
+    missing = [_SPELLINGS[f][0] for f in _REQUIRED if found[f] is None]
+    if missing:
+        raise TokenizerError(
+            f"the tokenizer lacks {', '.join(missing)}: fill-in-the-middle needs a StarCoder-"
+            "family tokenizer with <fim_prefix>, <fim_suffix>, <fim_middle> and <|endoftext|>"
+        )
+    return SpecialTokens(**found)
+
+
+def load_tokenizer(directory: Path) -> tuple[object, SpecialTokens]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"could not load a tokenizer from {directory}: {e}") from None
+    return tokenizer, special_tokens(tokenizer)
+
+
+# --- everything at once ----------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    params: dict
+    tokenizer: object
+    tokens: SpecialTokens
+    dtype: jnp.dtype
+    mesh: Mesh
+    load_seconds: float
+
+
+def load(
+    name_or_path: str | Path,
+    mesh: Mesh | None = None,
+    dtype: jnp.dtype | str = jnp.float32,
+    revision: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Checkpoint:
+    start = time.perf_counter()
+    directory = resolve(name_or_path, revision)
+    config = load_config(directory)
+    tokenizer, tokens = load_tokenizer(directory)
+    mesh = mesh if mesh is not None else sharding.make_mesh("1x1")
+    dtype = jnp.dtype(dtype)
+    params = load_params(directory, config, mesh, dtype, progress)
+    jax.block_until_ready(params)
+    return Checkpoint(
+        directory, config, params, tokenizer, tokens, dtype, mesh, time.perf_counter() - start
+    )
