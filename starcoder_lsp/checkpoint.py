@@ -33,7 +33,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 CONVERT_HINT = (
     "starcoder-lsp reads safetensors only (no torch at run time). Convert it once with:\n"
-    "  python -c \"from transformers import AutoModelForCausalLM as M; "
+    '  python -c "from transformers import AutoModelForCausalLM as M; '
     "M.from_pretrained('{src}').save_pretrained('{src}-safetensors')\"\n"
     "and point --model at {src}-safetensors"
 )
@@ -132,7 +132,7 @@ Source = Callable[[_Reader, int | None], np.ndarray]
 
 
 def _sources(config: ModelConfig) -> dict[str, Source]:
-    d, h, hd, kv = config.n_embd, config.n_head, config.head_dim, config.kv_heads
+    d, hd, kv = config.n_embd, config.head_dim, config.kv_heads
     layer_name = lambda i, rest: f"transformer.h.{i}.{rest}"
 
     def plain(rest: str, transpose: bool = False) -> Source:

@@ -64,9 +64,13 @@ class ModelConfig:
         d, kv = self.n_embd, self.kv_heads * self.head_dim
         per_layer = (
             4 * d  # two layer norms
-            + d * (d + 2 * kv) + (d + 2 * kv)  # c_attn
-            + d * d + d  # attn c_proj
-            + 2 * d * self.inner_dim + self.inner_dim + d  # mlp
+            + d * (d + 2 * kv)
+            + (d + 2 * kv)  # c_attn
+            + d * d
+            + d  # attn c_proj
+            + 2 * d * self.inner_dim
+            + self.inner_dim
+            + d  # mlp
         )
         return self.vocab_size * d + self.n_positions * d + self.n_layer * per_layer + 2 * d
 
@@ -76,7 +80,7 @@ class ModelConfig:
         if model_type != "gpt_bigcode":
             raise CheckpointError(
                 f"model_type is {model_type!r}; starcoder-lsp runs GPTBigCode (StarCoder) "
-                "checkpoints, whose config.json says \"model_type\": \"gpt_bigcode\""
+                'checkpoints, whose config.json says "model_type": "gpt_bigcode"'
             )
         # transformers accepts both the GPT-2 names and the generic aliases.
         aliases = {
@@ -147,7 +151,12 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # Small enough for unit tests; keeps every architectural feature of the real ones.
     "test-tiny": ModelConfig(
-        vocab_size=1024, n_positions=512, n_embd=64, n_layer=2, n_head=4, n_inner=256,
+        vocab_size=1024,
+        n_positions=512,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_inner=256,
         activation_function="gelu_pytorch_tanh",
     ),
 }

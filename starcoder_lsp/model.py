@@ -125,7 +125,9 @@ class Block(nn.Module):
         past_kv: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         eps = self.config.layer_norm_epsilon
-        norm = lambda name: nn.LayerNorm(epsilon=eps, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        norm = lambda name: nn.LayerNorm(
+            epsilon=eps, dtype=self.dtype, param_dtype=self.dtype, name=name
+        )
         attn_out, new_kv = Attention(self.config, self.dtype, name="attn")(
             norm("ln_1")(x), positions, valid, past_kv, past_length
         )
@@ -140,6 +142,9 @@ class GPTBigCode(nn.Module):
     tokens, positions: int32 [b, s]; valid: bool [b, s], False for padding (a padded token
     is neither attended to nor meaningful as a query); past: PastKV for the earlier positions.
     new_kv: [layers, 2, b, s, kv_heads, hd], the keys and values of these tokens.
+    last_only: logits [b, vocab] of each row's last valid token only. A prefill chunk needs no
+    more, and the LM head over every position of a 512-token chunk would cost a third as much
+    again as the rest of the model.
     """
 
     config: ModelConfig
@@ -147,7 +152,12 @@ class GPTBigCode(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, past: PastKV
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array,
+        past: PastKV,
+        last_only: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         embed = lambda n, name: nn.Embed(
@@ -164,6 +174,9 @@ class GPTBigCode(nn.Module):
             length=cfg.n_layer,
         )(cfg, self.dtype, name="h")
         x, new_kv = layers(x, positions, valid, past.length, past.kv)
+        if last_only:
+            last = x.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+            x = x[jnp.arange(x.shape[0]), last]
 
         x = nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name="ln_f"

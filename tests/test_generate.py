@@ -1,0 +1,250 @@
+"""The generation engine: compiled steps, sampling, the starcoder-jax API, meshes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from starcoder_lsp import checkpoint, sharding
+from starcoder_lsp.generate import Generator, Runner, Sampling, compilations, sample
+
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "import os\n\nclass Path:\n    def __init__(self, p):\n",
+    "for i in range(10):\n",
+    "x = [",
+]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_mqa_dir) -> Generator:
+    return Generator.from_pretrained(tiny_mqa_dir, dtype=jnp.float32, chunks=(8, 32, 128))
+
+
+def _no_stop(generator: Generator) -> checkpoint.SpecialTokens:
+    """Special tokens that never occur, so that a comparison runs all max_new_tokens."""
+    saved = generator.tokens
+    generator.tokens = checkpoint.SpecialTokens(-1, -2, -3, -4, None, None, None)
+    return saved
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+def test_sample_greedy_top_k_top_p():
+    logits = jnp.log(jnp.array([[0.1, 0.4, 0.3, 0.2]] * 3))
+    keys = jax.random.split(jax.random.PRNGKey(0), 300)
+    draws = lambda s: np.asarray(jax.jit(jax.vmap(lambda k: sample(logits, k, s)))(keys))
+    greedy = draws(Sampling.rows(0.0, 1.0, 0, batch=3))
+    assert (greedy == 1).all()
+    free = draws(Sampling.rows([1.0, 1.0, 1.0], [1.0, 0.5, 1.0], [0, 0, 2], batch=3))
+    assert set(free[:, 0]) == {0, 1, 2, 3}  # unrestricted: every token appears
+    assert set(free[:, 1]) == {1, 2}  # top_p 0.5: 0.4 + 0.3 reaches it
+    assert set(free[:, 2]) == {1, 2}  # top_k 2
+
+
+def test_sampling_rows_accepts_starcoder_jax_shapes():
+    s = Sampling.rows(np.array([[0.5], [0.0]]), np.array([[0.9], [1.0]]), batch=2)
+    assert s.temperature.shape == (2,) and s.top_p.tolist() == pytest.approx([0.9, 1.0])
+
+
+# --- whole generations ---------------------------------------------------------------------
+
+
+def test_sampled_output_is_reproducible_for_a_seed(generator):
+    run = lambda seed: [
+        c.tokens for c in generator.generate(PROMPTS, 12, temperature=1.0, seed=seed)
+    ]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_per_row_temperature_in_one_batch(generator):
+    saved = _no_stop(generator)
+    try:
+        greedy = generator.generate(PROMPTS[:2], 16)
+        mixed = generator.generate(PROMPTS[:2], 16, temperature=[0.0, 1.5], top_p=[1.0, 1.0])
+    finally:
+        generator.tokens = saved
+    assert mixed[0].tokens == greedy[0].tokens  # the greedy row is untouched by its neighbour
+    assert mixed[1].tokens != greedy[1].tokens  # while the neighbour samples
+
+
+def test_batch_rows_equal_single_rows(generator):
+    saved = _no_stop(generator)
+    try:
+        together = [c.tokens for c in generator.generate(PROMPTS, 10)]
+        alone = [generator.generate([p], 10)[0].tokens for p in PROMPTS]
+    finally:
+        generator.tokens = saved
+    assert together == alone
+
+
+def test_stops_at_stop_string_and_max_tokens(generator):
+    saved = _no_stop(generator)
+    try:
+        (free,) = generator.generate([PROMPTS[0]], 12)
+        stop = generator.decode(free.tokens[3:5])
+        (cut,) = generator.generate([PROMPTS[0]], 12, stop=[stop])
+    finally:
+        generator.tokens = saved
+    assert free.finish_reason == "length" and len(free.tokens) == 12
+    assert cut.finish_reason == "stop" and len(cut.tokens) < 12
+    assert stop not in cut.text and free.text.startswith(cut.text)
+
+
+def test_stops_on_end_of_text(generator):
+    saved = _no_stop(generator)
+    try:
+        (free,) = generator.generate([PROMPTS[1]], 8)
+    finally:
+        generator.tokens = saved
+    # Pretend the fourth generated token ends the text.
+    end = free.tokens[3]
+    generator.tokens = checkpoint.SpecialTokens(end, -2, -3, -4, None, None, None)
+    try:
+        (stopped,) = generator.generate([PROMPTS[1]], 8)
+    finally:
+        generator.tokens = saved
+    assert stopped.finish_reason == "stop"
+    assert stopped.tokens == free.tokens[: free.tokens.index(end) + 1]
+
+
+# --- starcoder-jax's API -------------------------------------------------------------------
+
+
+def test_generate_at_once_matches_generate(generator):
+    initial, hparams = generator.prepare_context(PROMPTS[0], max_length=64, temperature=0.0)
+    assert initial["tokens"].shape == (1, 64) and hparams["temperature"].shape == (1, 1)
+    saved = _no_stop(generator)
+    try:
+        with generator.checkpoint.mesh:  # as starcoder-jax's README uses it
+            tokens, rng = generator.generate_at_once(
+                **initial, **hparams, rng=jax.random.PRNGKey(0), max_new_tokens=10
+            )
+        expected = generator.generate([PROMPTS[0]], 10)[0].tokens
+    finally:
+        generator.tokens = saved
+    assert tokens.dtype == np.int32 and tokens.shape == (1, 10)
+    assert tokens[0].tolist() == expected
+    assert rng.shape == jax.random.PRNGKey(0).shape
+
+
+def test_stacked_contexts_make_a_batch_and_streaming_agrees(generator):
+    contexts = [generator.prepare_context(p, max_length=64, temperature=0.0) for p in PROMPTS[:3]]
+    initial = {k: np.concatenate([c[0][k] for c in contexts]) for k in contexts[0][0]}
+    hparams = {k: np.concatenate([c[1][k] for c in contexts]) for k in contexts[0][1]}
+    saved = _no_stop(generator)
+    try:
+        at_once, _ = generator.generate_at_once(
+            **initial, **hparams, rng=jax.random.PRNGKey(0), max_new_tokens=6
+        )
+        outputs = generator.generate_from_context(**initial, **hparams, rng=jax.random.PRNGKey(0))
+        streamed = [outputs[0]]
+        for _ in range(5):
+            outputs = generator.generate_next_tokens(*outputs, **hparams)
+            streamed.append(outputs[0])
+        singles = [generator.generate([p], 6)[0].tokens for p in PROMPTS[:3]]
+    finally:
+        generator.tokens = saved
+    assert np.stack(streamed, axis=1).tolist() == at_once.tolist() == singles
+
+
+def test_generate_at_once_pads_with_minus_one_after_the_end(generator):
+    initial, hparams = generator.prepare_context(PROMPTS[2], max_length=64, temperature=0.0)
+    saved = _no_stop(generator)
+    try:
+        free, _ = generator.generate_at_once(
+            **initial, **hparams, rng=jax.random.PRNGKey(0), max_new_tokens=8
+        )
+    finally:
+        generator.tokens = saved
+    end = int(free[0, 2])
+    generator.tokens = checkpoint.SpecialTokens(end, -2, -3, -4, None, None, None)
+    try:
+        tokens, _ = generator.generate_at_once(
+            **initial, **hparams, rng=jax.random.PRNGKey(0), max_new_tokens=8
+        )
+    finally:
+        generator.tokens = saved
+    first_end = free[0].tolist().index(end)
+    assert tokens[0, : first_end + 1].tolist() == free[0, : first_end + 1].tolist()
+    assert (tokens[0, first_end + 1 :] == -1).all()
+
+
+# --- static shapes -------------------------------------------------------------------------
+
+
+def test_no_compilation_after_warmup(tiny_mqa_dir):
+    ckpt = checkpoint.load(tiny_mqa_dir)
+    generator = Generator(ckpt, chunks=(8, 32), batches=(1, 2, 4))
+    generator.runner.warmup()
+    compiled = compilations()
+    assert compiled >= len(generator.runner.shapes())  # the counter sees compilations
+    rng = np.random.default_rng(0)
+    vocab = ckpt.config.vocab_size
+    for i in range(50):
+        batch = int(rng.integers(1, 5))
+        prompts = [
+            rng.integers(20, vocab, int(rng.integers(1, 120))).tolist() for _ in range(batch)
+        ]
+        generator.generate(
+            prompts, int(rng.integers(1, 6)), temperature=float(i % 2), top_p=0.9, seed=i
+        )
+    assert compilations() == compiled
+
+
+def test_prefill_in_chunks_equals_one_pass(tiny_mqa_dir):
+    ckpt = checkpoint.load(tiny_mqa_dir)
+    small = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, chunks=(4,))
+    large = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, chunks=(64,))
+    prompt = np.random.default_rng(5).integers(20, ckpt.config.vocab_size, 37).tolist()
+    a, _, calls_a = small.prefill(small.new_cache(), 0, prompt, 0)
+    b, _, calls_b = large.prefill(large.new_cache(), 0, prompt, 0)
+    assert (calls_a, calls_b) == (10, 1)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+# --- meshes --------------------------------------------------------------------------------
+
+
+def test_same_greedy_output_on_every_mesh(tiny_mqa_dir):
+    if jax.device_count() < 8:
+        pytest.fail("conftest forces 8 host devices; JAX was imported before it could")
+    outputs = {}
+    prompts = PROMPTS * 2  # 8 rows, so that dp=8 splits them
+    for shape in ("1x1", "1x8", "2x4", "8x1"):
+        mesh = sharding.make_mesh(shape)
+        generator = Generator.from_pretrained(tiny_mqa_dir, mesh=mesh, dtype=jnp.float32,
+                                              chunks=(8, 32))  # fmt: skip
+        q_proj = generator.checkpoint.params["h"]["attn"]["q_proj"]["kernel"]
+        assert len(q_proj.sharding.device_set) == mesh.size
+        saved = _no_stop(generator)
+        outputs[shape] = [c.tokens for c in generator.generate(prompts, 12)]
+        generator.tokens = saved
+    assert outputs["1x8"] == outputs["1x1"]
+    assert outputs["2x4"] == outputs["1x1"]
+    assert outputs["8x1"] == outputs["1x1"]
+
+
+def test_shard_moves_params_to_a_new_mesh(tiny_mqa_dir):
+    generator = Generator.from_pretrained(tiny_mqa_dir, dtype=jnp.float32, chunks=(8, 32))
+    saved = _no_stop(generator)
+    before = generator.generate(PROMPTS[:2], 8)
+    generator.shard(sharding.make_mesh("2x4"))
+    after = generator.generate(PROMPTS[:2], 8)
+    generator.tokens = saved
+    fc = generator.checkpoint.params["h"]["mlp"]["c_fc"]["kernel"]
+    assert fc.sharding.spec == sharding.P(None, None, "mp")
+    assert [c.tokens for c in before] == [c.tokens for c in after]
+
+
+def test_mesh_strings():
+    assert sharding.parse_mesh_shape("2x4", 8) == (2, 4)
+    assert sharding.parse_mesh_shape("auto", 8) == (1, 8)
+    with pytest.raises(sharding.MeshError, match="DPxMP"):
+        sharding.parse_mesh_shape("four", 8)
+    with pytest.raises(sharding.MeshError, match="needs 16 devices"):
+        sharding.make_mesh("4x4")
