@@ -213,22 +213,19 @@ def check_shapes(reader: _Reader, config: ModelConfig) -> None:
             )
 
 
+_LAYER = re.compile(r"^h_(\d+)/")
+
+
 def _place(
     source: Source,
     reader: _Reader,
+    layer: int | None,
     leaf: jax.ShapeDtypeStruct,
     target: jax.sharding.Sharding,
-    stacked: bool,
     dtype: np.dtype,
 ) -> jax.Array:
-    """One parameter, each device's piece cut from the file as that device needs it."""
-
-    def piece(index: tuple[slice, ...]) -> np.ndarray:
-        if not stacked:
-            return np.asarray(source(reader, None)[index], dtype)
-        layers = range(*index[0].indices(leaf.shape[0]))
-        return np.stack([np.asarray(source(reader, i)[index[1:]], dtype) for i in layers])
-
+    """One parameter, each device's piece cut from the file's tensor as that device needs it."""
+    piece = lambda index: np.asarray(source(reader, layer)[index], dtype)
     return jax.make_array_from_callback(leaf.shape, target, piece)
 
 
@@ -242,20 +239,19 @@ def load_params(
     """The Flax parameter tree, each leaf placed on its sharding of `mesh`."""
     mesh = mesh if mesh is not None else sharding.make_mesh("1x1")
     abstract = abstract_params(config, dtype)
-    shardings = sharding.param_shardings(abstract, mesh)
+    shardings = dict(_flatten(sharding.param_shardings(abstract, mesh)))
     sources = _sources(config)
     np_dtype = np.dtype(jnp.dtype(dtype))
-    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    leaves = list(_flatten(abstract))
     placed = {}
     with ExitStack() as stack:
         reader = _Reader(weight_files(directory), stack)
         check_shapes(reader, config)
-        flat_shardings = dict(_flatten(shardings))
-        for n, (path, leaf) in enumerate(leaves):
-            key = sharding.path_str(path)
-            placed[key] = _place(
-                sources[key], reader, leaf, flat_shardings[key], key.startswith("h/"), np_dtype
-            )
+        for n, (key, leaf) in enumerate(leaves):
+            match = _LAYER.match(key)
+            layer = int(match[1]) if match else None
+            source = sources[_LAYER.sub("h/", key)]
+            placed[key] = _place(source, reader, layer, leaf, shardings[key], np_dtype)
             if progress:
                 progress(key, n + 1, len(leaves))
     return _unflatten(placed)

@@ -21,16 +21,15 @@ from starcoder_lsp.errors import StarcoderError
 DATA, MODEL = "dp", "mp"
 P = PartitionSpec
 
-# (regex on the '/'-joined parameter path, spec). The first match wins. Leaves under h/ carry
-# a leading layer axis, hence the leading None.
+# (regex on the '/'-joined parameter path, spec). The first match wins. h_N is layer N.
 PARAM_RULES: list[tuple[str, PartitionSpec]] = [
     (r"^wte/embedding$", P(MODEL, None)),  # vocabulary split: logits come out split by mp
-    (r"^h/attn/q_proj/kernel$", P(None, None, MODEL)),
-    (r"^h/attn/q_proj/bias$", P(None, MODEL)),
-    (r"^h/attn/c_proj/kernel$", P(None, MODEL, None)),  # row-parallel after split heads
-    (r"^h/mlp/c_fc/kernel$", P(None, None, MODEL)),
-    (r"^h/mlp/c_fc/bias$", P(None, MODEL)),
-    (r"^h/mlp/c_proj/kernel$", P(None, MODEL, None)),
+    (r"^h_\d+/attn/q_proj/kernel$", P(None, MODEL)),
+    (r"^h_\d+/attn/q_proj/bias$", P(MODEL)),
+    (r"^h_\d+/attn/c_proj/kernel$", P(MODEL, None)),  # row-parallel after split heads
+    (r"^h_\d+/mlp/c_fc/kernel$", P(None, MODEL)),
+    (r"^h_\d+/mlp/c_fc/bias$", P(MODEL)),
+    (r"^h_\d+/mlp/c_proj/kernel$", P(MODEL, None)),
     (r".*", P()),  # positions, layer norms, the key/value projection, output biases
 ]
 
