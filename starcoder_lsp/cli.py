@@ -89,8 +89,50 @@ def _run_make_random_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 256,1024") from None
+
+
+def _add_bench(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure load, prefill and decode speed against transformers and the memory floor",
+        description=(
+            "Load a checkpoint, compile every shape, then measure prefill tokens/s and decode "
+            "ms per step, beside transformers' GPTBigCodeForCausalLM on the same checkpoint "
+            "(CPU, float32) and the memory-bandwidth floor of a decode step. Prints a table."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--mesh", default="1x1", help="DPxMP device mesh (default: 1x1)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="default: float32 on CPU, bfloat16 on GPU/TPU")  # fmt: skip
+    parser.add_argument("--prefill", type=_int_list, default=[256, 1024, 4096],
+                        help="prompt lengths (default: 256,1024,4096)")  # fmt: skip
+    parser.add_argument("--batches", type=_int_list, default=[1, 4, 8],
+                        help="decode batch sizes (default: 1,4,8)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="skip the transformers comparison")  # fmt: skip
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from starcoder_lsp import bench, sharding
+
+    report = bench.run(
+        args.model, sharding.make_mesh(args.mesh), args.dtype, args.prefill, args.batches,
+        args.repeats, compare=not args.no_transformers,
+    )  # fmt: skip
+    print(report.table())
+    return 0
+
+
 # Each adds one subcommand; other subcommands register here the same way.
-SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_make_random_model,)
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_make_random_model, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,10 @@ from starcoder_lsp import checkpoint, sharding
 from starcoder_lsp.config import ModelConfig
 from starcoder_lsp.model import GPTBigCode, PastKV
 
-DEFAULT_CHUNKS = (16, 128, 512)
+# Prefill chunk sizes. Above a few tokens a chunk's cost grows with its length (compute-bound),
+# so a prompt is cut greedily into the largest chunks that fit and only the last chunk is
+# padded, by less than the smallest size; bigger chunks would only add compiled shapes.
+DEFAULT_CHUNKS = (16, 64, 256)
 DEFAULT_BATCHES = (1, 2, 4, 8)
 MIN_SPAN = 1024
 
@@ -80,7 +83,7 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
 # --- the compiled step -----------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("model", "span"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("model", "span"))
 def _forward(
     model: GPTBigCode,
     params: dict,
@@ -91,17 +94,25 @@ def _forward(
     slots: jax.Array,
     span: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Run `tokens` (at `positions`, rows in cache `slots`); write their keys and values.
+    """Run `tokens` (at `positions`, rows in cache `slots`) against the cached rows.
 
     Row b has positions[b, 0] tokens cached before this call; only the first `span`
-    positions of the cache are read. Returns (logits of each row's last token, cache).
+    positions of the cache are read. Returns (logits of each row's last token, new_kv).
     """
     past = PastKV(cache[:, :, slots, :span], positions[:, 0])
-    logits, new_kv = model.apply({"params": params}, tokens, positions, valid, past, last_only=True)
+    return model.apply({"params": params}, tokens, positions, valid, past, last_only=True)
+
+
+# Writing is a program of its own: when the step that reads the cache also updates it, XLA
+# copies the whole cache (twice) instead of updating it in place, which made a decode step
+# ten times slower with 8 slots of 8192 positions.
+@partial(jax.jit, donate_argnames=("cache",))
+def _write(
+    cache: jax.Array, new_kv: jax.Array, positions: jax.Array, valid: jax.Array, slots: jax.Array
+) -> jax.Array:
     # Padding writes nowhere: an index past the end is dropped.
     write_at = jnp.where(valid, positions, cache.shape[3])
-    cache = cache.at[:, :, slots[:, None], write_at].set(new_kv.astype(cache.dtype), mode="drop")
-    return logits, cache
+    return cache.at[:, :, slots[:, None], write_at].set(new_kv.astype(cache.dtype), mode="drop")
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -199,11 +210,11 @@ class Runner:
         slots: np.ndarray,
     ) -> tuple[jax.Array, jax.Array]:
         span = _bucket(self.spans, int(positions.max()) + 1)
-        put = self._put
-        return _forward(
-            self.model, self.params, cache, put(tokens), put(positions), put(valid), put(slots),
-            span,
-        )  # fmt: skip
+        tokens, positions, valid, slots = map(self._put, (tokens, positions, valid, slots))
+        logits, new_kv = _forward(
+            self.model, self.params, cache, tokens, positions, valid, slots, span
+        )
+        return logits, _write(cache, new_kv, positions, valid, slots)
 
     def sample(self, logits: jax.Array, sampling: Sampling, key: jax.Array) -> np.ndarray:
         return np.asarray(_sample(logits, key, Sampling(*map(self._put, sampling))))
@@ -221,7 +232,8 @@ class Runner:
         calls, done = 0, 0
         while done < len(tokens):
             left = len(tokens) - done
-            size = self.chunks[-1] if left > self.chunks[-1] else _bucket(self.chunks, left)
+            fitting = [c for c in self.chunks if c <= left]
+            size = fitting[-1] if fitting else self.chunks[0]
             n = min(size, left)
             chunk = np.zeros((1, size), np.int32)
             chunk[0, :n] = tokens[done : done + n]

@@ -198,13 +198,15 @@ def test_no_compilation_after_warmup(tiny_mqa_dir):
 
 def test_prefill_in_chunks_equals_one_pass(tiny_mqa_dir):
     ckpt = checkpoint.load(tiny_mqa_dir)
-    small = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, chunks=(4,))
-    large = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, chunks=(64,))
     prompt = np.random.default_rng(5).integers(20, ckpt.config.vocab_size, 37).tolist()
-    a, _, calls_a = small.prefill(small.new_cache(), 0, prompt, 0)
-    b, _, calls_b = large.prefill(large.new_cache(), 0, prompt, 0)
-    assert (calls_a, calls_b) == (10, 1)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    results = {}
+    for chunks in ((4,), (4, 16), (64,)):
+        runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, chunks=chunks)
+        results[chunks] = runner.prefill(runner.new_cache(), 0, prompt, 0)
+    # 37 = 9·4 + 1 padded; 16 + 16 + 4 + 1 padded; one padded chunk of 64.
+    assert [calls for _, _, calls in results.values()] == [10, 4, 1]
+    for logits, _, _ in results.values():
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(results[(64,)][0]), atol=1e-4)
 
 
 # --- meshes --------------------------------------------------------------------------------
