@@ -127,7 +127,7 @@ class _Reader:
 
 
 # How each parameter of model.py is made from transformers' tensors. `layer` is None for
-# parameters outside the layer stack. Linear weights are [out, in] in PyTorch, [in, out] here.
+# parameters outside the layer stack. Linear weights are [out, in] in both.
 Source = Callable[[_Reader, int | None], np.ndarray]
 
 
@@ -135,12 +135,8 @@ def _sources(config: ModelConfig) -> dict[str, Source]:
     d, hd, kv = config.n_embd, config.head_dim, config.kv_heads
     layer_name = lambda i, rest: f"transformer.h.{i}.{rest}"
 
-    def plain(rest: str, transpose: bool = False) -> Source:
-        def read(r: _Reader, i: int | None) -> np.ndarray:
-            t = r.read(layer_name(i, rest) if i is not None else f"transformer.{rest}")
-            return t.T if transpose else t
-
-        return read
+    def plain(rest: str) -> Source:
+        return lambda r, i: r.read(layer_name(i, rest) if i is not None else f"transformer.{rest}")
 
     def c_attn(part: str, suffix: str) -> Source:
         # MQA packs rows as [q (d) | k (hd) | v (hd)]; MHA interleaves them per head as
@@ -155,7 +151,7 @@ def _sources(config: ModelConfig) -> dict[str, Source]:
             else:
                 out = rows[:, hd:].reshape(kv, 2, hd, *t.shape[1:]).swapaxes(0, 1)
                 out = out.reshape(2 * kv * hd, *t.shape[1:])
-            return out.T if suffix == "weight" else out
+            return out
 
         return read
 
@@ -174,7 +170,7 @@ def _sources(config: ModelConfig) -> dict[str, Source]:
         sources[f"h/{norm}/bias"] = plain(f"{norm}.bias")
     for linear in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
         key = "h/" + linear.replace(".", "/")
-        sources[f"{key}/kernel"] = plain(f"{linear}.weight", transpose=True)
+        sources[f"{key}/kernel"] = plain(f"{linear}.weight")
         sources[f"{key}/bias"] = plain(f"{linear}.bias")
     return sources
 

@@ -24,12 +24,13 @@ P = PartitionSpec
 # (regex on the '/'-joined parameter path, spec). The first match wins. h_N is layer N.
 PARAM_RULES: list[tuple[str, PartitionSpec]] = [
     (r"^wte/embedding$", P(MODEL, None)),  # vocabulary split: logits come out split by mp
-    (r"^h_\d+/attn/q_proj/kernel$", P(None, MODEL)),
+    # Linear weights are [out, in].
+    (r"^h_\d+/attn/q_proj/kernel$", P(MODEL, None)),
     (r"^h_\d+/attn/q_proj/bias$", P(MODEL)),
-    (r"^h_\d+/attn/c_proj/kernel$", P(MODEL, None)),  # row-parallel after split heads
-    (r"^h_\d+/mlp/c_fc/kernel$", P(None, MODEL)),
+    (r"^h_\d+/attn/c_proj/kernel$", P(None, MODEL)),  # row-parallel after split heads
+    (r"^h_\d+/mlp/c_fc/kernel$", P(MODEL, None)),
     (r"^h_\d+/mlp/c_fc/bias$", P(MODEL)),
-    (r"^h_\d+/mlp/c_proj/kernel$", P(MODEL, None)),
+    (r"^h_\d+/mlp/c_proj/kernel$", P(None, MODEL)),
     (r".*", P()),  # positions, layer norms, the key/value projection, output biases
 ]
 

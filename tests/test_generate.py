@@ -239,7 +239,7 @@ def test_shard_moves_params_to_a_new_mesh(tiny_mqa_dir):
     after = generator.generate(PROMPTS[:2], 8)
     generator.tokens = saved
     fc = generator.checkpoint.params["h_1"]["mlp"]["c_fc"]["kernel"]
-    assert fc.sharding.spec == sharding.P(None, "mp")
+    assert fc.sharding.spec == sharding.P("mp", None)
     assert [c.tokens for c in before] == [c.tokens for c in after]
 
 
