@@ -42,9 +42,9 @@ class Report:
     def table(self) -> str:
         lines = [
             f"model {self.model} · {self.dtype} · {self.device}",
-            f"| {'measure':<34} | {'starcoder-lsp':>13} | {'transformers':>12} | {'ratio':>7} |"
+            f"| {'measure':<42} | {'starcoder-lsp':>13} | {'transformers':>12} | {'ratio':>7} |"
             f" note",
-            f"|{'-' * 36}|{'-' * 15}|{'-' * 14}|{'-' * 9}|------",
+            f"|{'-' * 44}|{'-' * 15}|{'-' * 14}|{'-' * 9}|------",
         ]
         for r in self.rows:
             ratio = ""
@@ -53,7 +53,7 @@ class Report:
                 better_high = r.unit in ("tok/s", "GB/s")
                 ratio = f"{(r.ours / r.theirs if better_high else r.theirs / r.ours):.2f}x"
             lines.append(
-                f"| {r.name + ' (' + r.unit + ')':<34} | {_fmt(r.ours):>13} | "
+                f"| {r.name + ' (' + r.unit + ')':<42} | {_fmt(r.ours):>13} | "
                 f"{_fmt(r.theirs):>12} | {ratio:>7} | {r.note}"
             )
         return "\n".join(lines)

@@ -117,12 +117,29 @@ def _add_bench(subparsers: Subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the transformers comparison")  # fmt: skip
+    _add_compilation_cache(parser)
     parser.set_defaults(handler=_run_bench)
+
+
+def _add_compilation_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compilation-cache", metavar="DIR", default=None,
+        help="where compiled programs persist, so that a restart skips most of the warm-up "
+        "(default: ~/.cache/starcoder-lsp/jax; 'off' disables it)",
+    )  # fmt: skip
+
+
+def _use_compilation_cache(args: argparse.Namespace) -> None:
+    if args.compilation_cache != "off":
+        from starcoder_lsp.generate import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from starcoder_lsp import bench, sharding
 
+    _use_compilation_cache(args)
     report = bench.run(
         args.model, sharding.make_mesh(args.mesh), args.dtype, args.prefill, args.batches,
         args.repeats, compare=not args.no_transformers,

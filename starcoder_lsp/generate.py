@@ -313,7 +313,7 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path:
     path = Path(directory or Path.home() / ".cache" / "starcoder-lsp" / "jax").expanduser()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
 

@@ -250,3 +250,21 @@ def test_mesh_strings():
         sharding.parse_mesh_shape("four", 8)
     with pytest.raises(sharding.MeshError, match="needs 16 devices"):
         sharding.make_mesh("4x4")
+
+
+def test_compilation_cache_persists_programs(tmp_path, tiny_mqa_dir):
+    """A restarted server finds its programs on disk: run in a fresh process, because a
+    process that already compiled a program never asks the disk for it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from starcoder_lsp.generate import Generator, enable_compilation_cache;"
+        "enable_compilation_cache(sys.argv[1]);"
+        "g = Generator.from_pretrained(sys.argv[2], chunks=(8,), batches=(1,));"
+        "g.runner.warmup()"
+    )
+    cache_dir = tmp_path / "jax-cache"
+    subprocess.run([sys.executable, "-c", script, str(cache_dir), str(tiny_mqa_dir)], check=True)
+    written = [p for p in cache_dir.rglob("*") if p.is_file()]
+    assert len(written) >= 2  # at least the forward step and the cache write
