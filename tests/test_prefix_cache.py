@@ -1,0 +1,83 @@
+"""Slot bookkeeping of the prefix cache: longest-prefix choice, eviction, pinning."""
+
+from __future__ import annotations
+
+import pytest
+
+from starcoder_lsp.cache import Lease, PrefixCache, common_prefix
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+
+
+def test_takes_the_slot_with_the_longest_common_prefix():
+    cache = PrefixCache(3)
+    prompts = ([1, 2, 3, 4], [1, 2, 9, 9, 9], [5, 6])
+    leases = [cache.acquire(tokens) for tokens in prompts]  # held at once: three slots
+    for lease, tokens in zip(leases, prompts, strict=True):
+        cache.release(lease, tokens)
+    lease = cache.acquire([1, 2, 3, 4, 5, 6])
+    assert lease == Lease(cache_slot_of(cache, [1, 2, 3, 4]), 4)
+
+
+def cache_slot_of(cache: PrefixCache, tokens: list[int]) -> int:
+    return next(i for i in range(3) if cache.contents(i) == tokens)
+
+
+def test_reuse_is_capped_so_that_one_token_still_runs():
+    cache = PrefixCache(1)
+    cache.release(cache.acquire([1, 2, 3]), [1, 2, 3])
+    assert cache.acquire([1, 2, 3]).reuse == 2
+
+
+def test_evicts_the_least_recently_used_free_slot():
+    cache = PrefixCache(2)
+    first = cache.acquire([1, 1])
+    second = cache.acquire([2, 2])
+    cache.release(first, [1, 1])
+    cache.release(second, [2, 2])  # slot of [1, 1] is now the least recently used
+    lease = cache.acquire([3, 3])
+    assert lease.reuse == 0 and lease.slot == first.slot
+    cache.release(lease, [3, 3])
+    assert sorted(cache.contents(i)[0] for i in range(2)) == [2, 3]
+
+
+def test_busy_slots_are_never_handed_out_twice():
+    cache = PrefixCache(2)
+    a = cache.acquire([1, 2, 3])
+    b = cache.acquire([1, 2, 3])
+    assert a.slot != b.slot
+    assert cache.acquire([1, 2, 3]) is None  # all busy
+    cache.release(a, [1, 2, 3])
+    assert cache.acquire([1, 2, 3, 4]) == Lease(a.slot, 3)
+
+
+def test_discard_forgets_contents():
+    cache = PrefixCache(1)
+    lease = cache.acquire([1, 2, 3])
+    cache.discard(lease)
+    assert cache.acquire([1, 2, 3]).reuse == 0
+
+
+def test_disabled_cache_never_reuses_but_still_leases():
+    cache = PrefixCache(2, enabled=False)
+    cache.release(cache.acquire([1, 2, 3]), [1, 2, 3])
+    lease = cache.acquire([1, 2, 3, 4])
+    assert lease is not None and lease.reuse == 0
+
+
+def test_stats_count_hits_and_tokens():
+    cache = PrefixCache(2)
+    cache.release(cache.acquire([1, 2, 3]), [1, 2, 3, 7])
+    cache.acquire([1, 2, 3, 7, 8])
+    assert cache.stats.requests == 2 and cache.stats.hits == 1
+    assert cache.stats.reused_tokens == 4 and cache.stats.prefilled_tokens == 3 + 1
+    assert cache.stats.hit_rate == pytest.approx(0.5)
+
+
+def test_needs_a_slot():
+    with pytest.raises(ValueError):
+        PrefixCache(0)
