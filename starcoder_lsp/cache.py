@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -38,11 +40,12 @@ class _Slot:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    # Vectorised: prompts run to thousands of tokens and every slot is compared per request.
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if n == 0:
+        return 0
+    differ = np.asarray(a[:n]) != np.asarray(b[:n])
+    return int(np.argmax(differ)) if differ.any() else n
 
 
 class PrefixCache:
@@ -80,7 +83,7 @@ class PrefixCache:
 
     def release(self, lease: Lease, written: Sequence[int]) -> None:
         """The slot now holds keys/values for exactly `written`; it is free again."""
-        slot = self._slots[lease.slot]
+        slot = self._busy(lease)
         slot.tokens = list(written)
         slot.busy = False
         self._clock += 1
@@ -88,9 +91,16 @@ class PrefixCache:
 
     def discard(self, lease: Lease) -> None:
         """Free the slot and forget its contents (what was written is unknown)."""
-        slot = self._slots[lease.slot]
+        slot = self._busy(lease)
         slot.tokens = []
         slot.busy = False
+        slot.last_used = -1  # empty: the first to be taken by a prompt that shares nothing
+
+    def _busy(self, lease: Lease) -> _Slot:
+        slot = self._slots[lease.slot]
+        if not slot.busy:
+            raise ValueError(f"slot {lease.slot} is not leased (released twice?)")
+        return slot
 
     def contents(self, slot: int) -> list[int]:
         return list(self._slots[slot].tokens)

@@ -148,8 +148,118 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that run the model."""
+    parser.add_argument("--model", default="bigcode/tiny_starcoder_py",
+                        help="checkpoint directory or Hugging Face hub id "
+                        "(default: bigcode/tiny_starcoder_py)")  # fmt: skip
+    parser.add_argument("--mesh", default="1x1", help="DPxMP device mesh (default: 1x1)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="default: float32 on CPU, bfloat16 on GPU/TPU")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--fim-mode", choices=("spm", "psm"), default="spm",
+                        help="fill-in-the-middle order (default: spm, which lets typing reuse "
+                        "the cache)")  # fmt: skip
+    parser.add_argument("--cache-slots", type=int, default=8,
+                        help="key/value cache slots (requests decoding at once)")  # fmt: skip
+    parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="prefill every prompt whole (to measure what the cache saves)",
+    )
+    _add_compilation_cache(parser)
+
+
+def _load_completer(args: argparse.Namespace, slots: int, warmup: bool) -> object:
+    from starcoder_lsp import checkpoint, sharding
+    from starcoder_lsp.completer import Completer
+    from starcoder_lsp.engine import Engine
+    from starcoder_lsp.generate import Runner
+
+    _use_compilation_cache(args)
+    ckpt = checkpoint.load(args.model, sharding.make_mesh(args.mesh), args.dtype or _dtype())
+    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=slots)
+    engine = Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids,
+                    prefix_cache=not args.no_prefix_cache)  # fmt: skip
+    engine.start(warmup=warmup)
+    print(engine.describe(), file=sys.stderr)
+    return Completer(engine, ckpt.tokenizer, ckpt.tokens)
+
+
+def _dtype() -> str:
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _add_complete(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "complete",
+        help="print the suggestion the server would give at a position of a file",
+        description="Print the inline completion at LINE:CHARACTER of FILE (both 0-based, as "
+        "in LSP; CHARACTER counts Unicode code points), for scripts and for debugging.",
+    )
+    parser.add_argument("file", metavar="FILE", type=Path)
+    parser.add_argument("--line", type=int, required=True)
+    parser.add_argument("--character", type=int, required=True)
+    parser.add_argument("--multiline", choices=("auto", "always", "never"), default="auto")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON: prompt text, token counts, timings")  # fmt: skip
+    _add_model_options(parser)
+    parser.set_defaults(handler=_run_complete)
+
+
+def _offset(text: str, line: int, character: int) -> int:
+    lines = text.split("\n")
+    if not 0 <= line < len(lines):
+        raise StarcoderError(f"line {line} is outside the file (0..{len(lines) - 1})")
+    if not 0 <= character <= len(lines[line]):
+        raise StarcoderError(f"character {character} is outside line {line} "
+                             f"(0..{len(lines[line])})")  # fmt: skip
+    return sum(len(s) + 1 for s in lines[:line]) + character
+
+
+def _run_complete(args: argparse.Namespace) -> int:
+    import json
+
+    from starcoder_lsp.completer import Settings
+
+    try:
+        text = args.file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StarcoderError(f"cannot read {args.file}: {e}") from None
+    cursor = _offset(text, args.line, args.character)
+    settings = Settings(max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode,
+                        multiline=args.multiline)  # fmt: skip
+    completer = _load_completer(args, slots=1, warmup=False)
+    try:
+        suggestion = completer.complete(str(args.file), text, cursor, settings, args.file.name)
+    finally:
+        completer.engine.close()
+    if not args.json:
+        print(suggestion.text)
+        return 0
+    result, prompt = suggestion.result, suggestion.prompt
+    print(json.dumps({
+        "text": suggestion.text,
+        "replace_suffix_chars": suggestion.replace_suffix_chars,
+        "raw": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt": completer.tokenizer.decode(prompt.ids),
+        "prompt_tokens": result.prompt_tokens,
+        "generated_tokens": len(result.tokens),
+        "seconds": {"prefill": result.prefill_seconds, "decode": result.decode_seconds,
+                    "total": suggestion.seconds},
+    }, indent=2, ensure_ascii=False))  # fmt: skip
+    return 0
+
+
 # Each adds one subcommand; other subcommands register here the same way.
-SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_make_random_model, _add_bench)
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _add_make_random_model,
+    _add_bench,
+    _add_complete,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

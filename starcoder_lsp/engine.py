@@ -110,11 +110,25 @@ class Engine:
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def start(self, progress: Callable[[int, int, str], None] | None = None) -> Engine:
-        """Compile every shape (reporting progress), then serve. Returns at once."""
+    def start(
+        self, progress: Callable[[int, int, str], None] | None = None, warmup: bool = True
+    ) -> Engine:
+        """Compile every shape (reporting progress), then serve. Returns at once. Without
+        warm-up (one-shot commands), each shape compiles when first needed."""
         self._progress = progress
+        self._warmup = warmup
+        log.info("%s", self.describe())
         self._thread.start()
         return self
+
+    def describe(self) -> str:
+        """The memory the cache takes: fixed by the slot count, whatever the traffic."""
+        runner = self.runner
+        cache = "on" if self.prefix_cache.enabled else "off"
+        return (
+            f"key/value cache: {runner.slots} slots × {runner.max_len} positions = "
+            f"{runner.cache_bytes / 2**20:,.0f} MiB ({runner.dtype.name}); prefix reuse {cache}"
+        )
 
     def close(self) -> None:
         with self._cv:
@@ -153,7 +167,10 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            self._cache = self.runner.warmup(self._progress)
+            if self._warmup:
+                self._cache = self.runner.warmup(self._progress)
+            else:
+                self._cache = self.runner.new_cache()
         except Exception as e:  # compilation failed: every request gets the error
             log.exception("warm-up failed")
             self._fail_all(e)

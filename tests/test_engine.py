@@ -115,6 +115,17 @@ def test_cancel_stops_between_steps_and_the_slot_stays_reusable(ckpt):
         engine.close()
 
 
+def test_cache_memory_is_reported(ckpt):
+    engine = _engine(ckpt, slots=3)
+    try:
+        c = ckpt.config
+        expected = 3 * c.n_layer * 2 * c.n_positions * c.kv_heads * c.head_dim * 4
+        assert engine.runner.cache_bytes == expected
+        assert f"3 slots × {c.n_positions} positions" in engine.describe()
+    finally:
+        engine.close()
+
+
 def test_stop_rule_and_bad_requests(ckpt):
     engine = _engine(ckpt)
     try:

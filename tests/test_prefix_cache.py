@@ -81,3 +81,20 @@ def test_stats_count_hits_and_tokens():
 def test_needs_a_slot():
     with pytest.raises(ValueError):
         PrefixCache(0)
+
+
+def test_a_discarded_slot_is_taken_before_a_useful_one():
+    cache = PrefixCache(2)
+    useful = cache.acquire([1, 2, 3])
+    broken = cache.acquire([7, 8, 9])
+    cache.release(useful, [1, 2, 3])
+    cache.discard(broken)
+    assert cache.acquire([5, 5]).slot == broken.slot
+
+
+def test_releasing_twice_is_an_error():
+    cache = PrefixCache(1)
+    lease = cache.acquire([1])
+    cache.release(lease, [1])
+    with pytest.raises(ValueError, match="released twice"):
+        cache.release(lease, [1])

@@ -1,0 +1,193 @@
+"""Keystroke replay: type a real source file character by character and ask for a completion
+at each pause, as an editor does; compare the prefix cache (SPM and PSM), no cache, and
+transformers recomputing the whole prompt, in one process on one checkpoint.
+
+    python benchmarks/keystroke_replay.py --model models/tiny_starcoder_py
+
+The document is a Python standard-library file with a stretch of it removed after at least
+--min-context tokens; the stretch is then typed back one character at a time. A pause (and so
+a request) follows every word boundary. Each request waits for its answer before typing goes
+on, so latencies never overlap: what is measured is the time from a keystroke to its
+suggestion. Timing does not depend on weight values, so random weights in the real shapes
+(`starcoder-lsp make-random-model --preset tiny_starcoder_py`) measure the real thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from starcoder_lsp import checkpoint
+from starcoder_lsp.completer import Completer, Settings
+from starcoder_lsp.engine import Engine
+from starcoder_lsp.generate import Runner
+
+PAUSE_AFTER = set(" \n.,:;()[]{}=")
+
+
+@dataclass
+class Stats:
+    name: str
+    latency: list[float] = field(default_factory=list)
+    prefill: list[int] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    hits: int = 0
+    through: int = 0
+    note: str = ""
+
+    def row(self) -> str:
+        if not self.latency:
+            return f"| {self.name:<26} | (no requests) |"
+        ms = np.array(self.latency) * 1000
+        ratio = [t / d for t, d in zip(self.latency, self.decode, strict=True) if d > 0]
+        n = len(self.latency)
+        model_requests = n - self.through
+        hit_rate = self.hits / model_requests if model_requests else 0.0
+        note = f"{self.through} typed through; {self.note}" if self.through else self.note
+        return (
+            f"| {self.name:<26} | {n:>4} | {np.median(ms):>9.0f} | {np.percentile(ms, 95):>9.0f} |"
+            f" {statistics.median(self.prefill):>15.0f} | {hit_rate:>8.0%} |"
+            f" {statistics.median(ratio) if ratio else float('nan'):>14.2f} | {note}"
+        )
+
+
+HEADER = (
+    "(hit rate: of the requests that ran the model; ms ÷ decode ms: a request's latency over\n"
+    " the time of its own decode steps)\n"
+    "| variant                    |    n | median ms |    p95 ms | prefill tok/req |"
+    " hit rate | ms ÷ decode ms | note\n"
+    "|----------------------------|------|-----------|-----------|-----------------|"
+    "----------|----------------|-----"
+)
+
+
+def pauses(typed: str) -> list[int]:
+    """Offsets into `typed` after which the typist pauses."""
+    return [i + 1 for i, ch in enumerate(typed) if ch in PAUSE_AFTER]
+
+
+def pick_stretch(source: str, tokenizer: object, min_context: int, chars: int) -> tuple[int, int]:
+    """A stretch starting at a line start with at least min_context tokens before it."""
+    lines = source.splitlines(keepends=True)
+    offset, tokens = 0, 0
+    for line in lines:
+        if tokens >= min_context:
+            break
+        tokens += len(tokenizer.encode(line, add_special_tokens=False))
+        offset += len(line)
+    if tokens < min_context or offset + chars >= len(source):
+        raise SystemExit(f"the file is too short for {min_context} tokens of context")
+    return offset, offset + chars
+
+
+def replay(completer: Completer, stats: Stats, source: str, start: int, end: int,
+           settings: Settings, every: int = 1) -> list[tuple[list[int], int]]:  # fmt: skip
+    """Type the stretch back; returns each model request's prompt and new-token count."""
+    before, typed, after = source[:start], source[start:end], source[end:]
+    requests = []
+    points = pauses(typed)[::every]
+    for n, point in enumerate(points):
+        text = before + typed[:point] + after
+        cursor = start + point
+        began = time.perf_counter()
+        suggestion = completer.complete("replay", text, cursor, settings)
+        stats.latency.append(time.perf_counter() - began)
+        result = suggestion.result
+        if suggestion.typed_through:
+            stats.through += 1
+            stats.prefill.append(0)
+            stats.decode.append(0.0)
+            continue
+        requests.append((suggestion.prompt.ids, max(len(result.tokens), 1)))
+        stats.prefill.append(result.prefilled_tokens)
+        stats.decode.append(result.decode_seconds)
+        stats.hits += result.reused_tokens > 0
+        print(f"\r{stats.name}: {n + 1}/{len(points)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return requests
+
+
+def transformers_baseline(directory: Path, prompts: list[tuple[list[int], int]]) -> Stats:
+    """transformers' generate on the whole prompt, greedy, as many new tokens as ours made."""
+    import torch
+    from transformers import GPTBigCodeForCausalLM
+
+    model = GPTBigCodeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    stats = Stats("transformers, whole prompt")
+    with torch.inference_mode():
+        for ids, new in prompts:
+            x = torch.tensor([ids])
+            began = time.perf_counter()
+            model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0)  # fmt: skip
+            stats.latency.append(time.perf_counter() - began)
+            stats.prefill.append(len(ids))
+            stats.decode.append(0.0)
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/tiny_starcoder_py")
+    parser.add_argument("--file", type=Path,
+                        default=Path(sysconfig.get_paths()["stdlib"]) / "argparse.py")  # fmt: skip
+    parser.add_argument("--chars", type=int, default=400, help="characters typed")
+    parser.add_argument("--min-context", type=int, default=2000,
+                        help="tokens of file before the typed stretch")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="cap of a single-line suggestion (random weights rarely end a "
+                        "line by themselves)")  # fmt: skip
+    parser.add_argument(
+        "--baseline-every", type=int, default=12, help="no-cache and transformers: every Nth pause"
+    )
+    args = parser.parse_args()
+
+    if not Path(args.model).is_dir():
+        from starcoder_lsp.cli import main as cli
+
+        cli(["make-random-model", args.model, "--preset", "tiny_starcoder_py"])
+    ckpt = checkpoint.load(args.model)
+    source = args.file.read_text()
+    start, end = pick_stretch(source, ckpt.tokenizer, args.min_context, args.chars)
+    print(f"{args.file.name}: typing {args.chars} characters after "
+          f"{len(ckpt.tokenizer.encode(source[:start]))} tokens", file=sys.stderr)  # fmt: skip
+    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=4)
+    all_stats: list[Stats] = []
+    recorded: list[tuple[list[int], int]] = []
+    # PSM recomputes the suffix at every keystroke: it runs every few pauses to keep the
+    # benchmark short (its reuse is then of the prefix alone, as it would be anyway).
+    for name, mode, cached, every in (
+        ("SPM + prefix cache", "spm", True, 1),
+        ("PSM + prefix cache", "psm", True, max(1, args.baseline_every // 2)),
+        ("SPM, no cache", "spm", False, args.baseline_every),
+    ):
+        engine = Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids, prefix_cache=cached)
+        engine.start(lambda i, n, what: print(f"\r{what} {i}/{n}", end="", file=sys.stderr))
+        engine.ready.wait()
+        completer = Completer(engine, ckpt.tokenizer, ckpt.tokens)
+        settings = Settings(fim_mode=mode, max_new_tokens=args.max_new_tokens, multiline="never")
+        stats = Stats(name, note="" if every == 1 else f"every {every}th pause")
+        requests = replay(completer, stats, source, start, end, settings, every)
+        if not cached:
+            recorded = requests
+        engine.close()
+        all_stats.append(stats)
+    baseline = transformers_baseline(ckpt.path, recorded)
+    baseline.note = f"every {args.baseline_every}th pause"
+    all_stats.append(baseline)
+    print(f"\nkeystroke replay · {args.file.name} · {args.chars} chars after ≥{args.min_context} "
+          f"tokens · single-line · greedy · {ckpt.path.name}")  # fmt: skip
+    print(HEADER)
+    for stats in all_stats:
+        print(stats.row())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Document + cursor → suggestion: exact reuse across keystrokes, typing through a suggestion."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from starcoder_lsp import checkpoint
+from starcoder_lsp.completer import Completer, Settings
+from starcoder_lsp.engine import Engine
+from starcoder_lsp.generate import Runner
+
+SOURCE = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_mqa_dir):
+    return checkpoint.load(tiny_mqa_dir)
+
+
+def _completer(ckpt, prefix_cache: bool) -> Completer:
+    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=2,
+                    chunks=(4, 16, 64), batches=(1, 2))  # fmt: skip
+    engine = Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids, prefix_cache)
+    engine.start()
+    assert engine.ready.wait(120)
+    return Completer(engine, ckpt.tokenizer, ckpt.tokens)
+
+
+def _typing(start_line: int, chars: int) -> list[tuple[str, int]]:
+    """(document, cursor) after each character of typing a stretch of a real file back."""
+    start = sum(len(line) for line in SOURCE.splitlines(keepends=True)[:start_line])
+    before, typed, after = SOURCE[:start], SOURCE[start : start + chars], SOURCE[start + chars :]
+    return [(before + typed[:n] + after, start + n) for n in range(1, chars + 1)]
+
+
+# The test model's context is 512 tokens: budgets that make the windows move while typing.
+SETTINGS = Settings(max_new_tokens=8, prefix_tokens=300, suffix_tokens=120)
+
+
+@pytest.mark.parametrize("mode", ["spm", "psm"])
+def test_suggestions_with_and_without_the_cache_are_identical(ckpt, mode):
+    settings = Settings(**{**SETTINGS.__dict__, "fim_mode": mode})
+    keystrokes = _typing(60, 120)
+    runs = {}
+    for cached in (True, False):
+        completer = _completer(ckpt, cached)
+        try:
+            runs[cached] = [
+                completer.complete("doc", text, cursor, settings) for text, cursor in keystrokes
+            ]
+        finally:
+            completer.engine.close()
+    model_made = [(a, b) for a, b in zip(runs[True], runs[False], strict=True)
+                  if not a.typed_through and not b.typed_through]  # fmt: skip
+    assert len(model_made) > 20
+    assert [a.result.tokens for a, _ in model_made] == [b.result.tokens for _, b in model_made]
+    assert [a.text for a in runs[True]] == [b.text for b in runs[False]]
+    cached_prefill = sorted(a.result.prefilled_tokens for a, _ in model_made)
+    full_prefill = sorted(b.result.prefilled_tokens for _, b in model_made)
+    if mode == "spm":  # a keystroke appends to an SPM prompt: a few tokens to prefill
+        assert cached_prefill[len(cached_prefill) // 2] <= 8
+    assert full_prefill[0] > 100  # the cache-less run prefilled whole prompts
+
+
+def test_typing_through_a_suggestion_answers_without_the_model(ckpt):
+    completer = _completer(ckpt, True)
+    try:
+        settings = Settings(max_new_tokens=12, min_chars=1, multiline="never")
+        text, cursor = _typing(40, 30)[-1]
+        for _ in range(10):  # find a position where the model suggests at least 2 characters
+            first = completer.complete("doc", text, cursor, settings)
+            if len(first.text) >= 2:
+                break
+            text, cursor = text[:cursor] + "x" + text[cursor:], cursor + 1
+        assert len(first.text) >= 2, "the test model never suggested anything"
+        typed = first.text[0]
+        after = completer.complete("doc", text[:cursor] + typed + text[cursor:], cursor + 1,
+                                   settings)  # fmt: skip
+        assert after.typed_through and after.text == first.text[1:]
+        requests = completer.engine.prefix_cache.stats.requests
+        # Typing something else asks the model again.
+        other = "\x01" if first.text[0] != "\x01" else "\x02"
+        again = completer.complete("doc", text[:cursor] + other + text[cursor:], cursor + 1,
+                                   settings)  # fmt: skip
+        assert not again.typed_through
+        assert completer.engine.prefix_cache.stats.requests == requests + 1
+    finally:
+        completer.engine.close()
+
+
+def test_a_newer_keystroke_supersedes_the_older_request(ckpt):
+    completer = _completer(ckpt, True)
+    try:
+        (text1, cur1), (text2, cur2) = _typing(50, 2)
+        slow = completer.start("doc", text1, cur1, Settings(max_new_tokens=400,
+                                                             multiline="always"))  # fmt: skip
+        fast = completer.start("doc", text2, cur2, SETTINGS)
+        older = slow.future.result(60)
+        assert older.text == "" and older.result.finish_reason in ("superseded", "stop")
+        assert fast.future.result(60).result.finish_reason in ("stop", "length")
+    finally:
+        completer.engine.close()
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="fimMode"):
+        Settings(fim_mode="mps")
+    with pytest.raises(ValueError, match="maxNewTokens"):
+        Settings(max_new_tokens=0)
+    with pytest.raises(ValueError, match="multiline"):
+        Settings(multiline="sometimes")
