@@ -80,8 +80,8 @@ def pick_stretch(source: str, tokenizer: object, min_context: int, chars: int) -
     for line in lines:
         if tokens >= min_context:
             break
-        tokens += len(tokenizer.encode(line, add_special_tokens=False))
         offset += len(line)
+        tokens = len(tokenizer.encode(source[:offset], add_special_tokens=False))
     if tokens < min_context or offset + chars >= len(source):
         raise SystemExit(f"the file is too short for {min_context} tokens of context")
     return offset, offset + chars
