@@ -9,6 +9,8 @@ the other subcommands stay fast.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,8 @@ EXIT_INTERRUPTED = 130
 
 if TYPE_CHECKING:
     from typing import TypeAlias
+
+    from starcoder_lsp.completer import Completer
 
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -148,11 +152,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MODEL = "bigcode/tiny_starcoder_py"
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run the model."""
-    parser.add_argument("--model", default="bigcode/tiny_starcoder_py",
-                        help="checkpoint directory or Hugging Face hub id "
-                        "(default: bigcode/tiny_starcoder_py)")  # fmt: skip
+    parser.add_argument("--model", default=os.environ.get("STARCODER_LSP_MODEL", DEFAULT_MODEL),
+                        help="checkpoint directory or Hugging Face hub id (default: "
+                        f"$STARCODER_LSP_MODEL or {DEFAULT_MODEL})")  # fmt: skip
     parser.add_argument("--mesh", default="1x1", help="DPxMP device mesh (default: 1x1)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="default: float32 on CPU, bfloat16 on GPU/TPU")  # fmt: skip
@@ -170,18 +177,25 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_compilation_cache(parser)
 
 
-def _load_completer(args: argparse.Namespace, slots: int, warmup: bool) -> object:
+def _load_completer(
+    args: argparse.Namespace,
+    slots: int,
+    warmup: bool,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Completer:
     from starcoder_lsp import checkpoint, sharding
     from starcoder_lsp.completer import Completer
     from starcoder_lsp.engine import Engine
     from starcoder_lsp.generate import Runner
 
     _use_compilation_cache(args)
+    if progress is not None:
+        progress(0, 1, f"loading {args.model}")
     ckpt = checkpoint.load(args.model, sharding.make_mesh(args.mesh), args.dtype or _dtype())
     runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=slots)
     engine = Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids,
                     prefix_cache=not args.no_prefix_cache)  # fmt: skip
-    engine.start(warmup=warmup)
+    engine.start(progress, warmup=warmup)
     print(engine.describe(), file=sys.stderr)
     return Completer(engine, ckpt.tokenizer, ckpt.tokens)
 
@@ -254,11 +268,77 @@ def _run_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the language server (stdio for one editor, TCP for many)",
+        description="Serve inline completions over LSP. The model loads and compiles in the "
+        "background; meanwhile editors get empty answers and $/progress. Logs go to stderr.",
+        epilog="remote use: on the accelerator host run `starcoder-lsp serve --tcp`, then "
+        "`ssh -L 2087:localhost:2087 HOST` on the laptop; or bind a public address with "
+        "--host 0.0.0.0 --token SECRET --tls-cert CERT --tls-key KEY.",
+    )
+    transport = parser.add_mutually_exclusive_group()
+    transport.add_argument("--stdio", action="store_true",
+                           help="talk LSP over stdin/stdout (the default)")  # fmt: skip
+    transport.add_argument("--tcp", action="store_true",
+                           help="listen for any number of editors on --host:--port")  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=2087,
+                        help="TCP port (default: 2087; 0 picks a free one)")  # fmt: skip
+    parser.add_argument("--token", default=os.environ.get("STARCODER_LSP_TOKEN"),
+                        help="secret clients must send as initializationOptions.token; "
+                        "required off loopback (default: $STARCODER_LSP_TOKEN)")  # fmt: skip
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="stderr log level (default: INFO)")  # fmt: skip
+    _add_model_options(parser)
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from starcoder_lsp import transport
+    from starcoder_lsp.completer import Settings
+    from starcoder_lsp.server import Backend
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if args.log_level != "DEBUG":
+        # pygls logs every message whole at INFO: megabytes per keystroke in a large file.
+        logging.getLogger("pygls").setLevel(logging.WARNING)
+    try:
+        settings = Settings(max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode)
+    except ValueError as e:
+        raise StarcoderError(str(e)) from None
+    if args.tcp:
+        # Refuse a bad address, token or certificate before loading the model.
+        tls = transport.tls_context(args.tls_cert, args.tls_key)
+        transport.check_exposure(args.host, args.token)
+    elif args.tls_cert or args.tls_key or args.token:
+        raise StarcoderError("--token and --tls-cert/--tls-key apply to --tcp only")
+
+    def load(progress: Callable[[int, int, str], None]) -> Completer:
+        return _load_completer(args, slots=args.cache_slots, warmup=True, progress=progress)
+
+    backend = Backend(load, args.model, settings).start()
+    try:
+        if args.tcp:
+            transport.serve_tcp(backend, args.host, args.port, args.token, tls)
+        else:
+            transport.serve_stdio(backend)
+    finally:
+        backend.close()
+    return 0
+
+
 # Each adds one subcommand; other subcommands register here the same way.
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_make_random_model,
     _add_bench,
     _add_complete,
+    _add_serve,
 )
 
 

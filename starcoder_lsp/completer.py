@@ -12,12 +12,13 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from starcoder_lsp import postprocess
+from starcoder_lsp import docstring, postprocess
 from starcoder_lsp.checkpoint import SpecialTokens
 from starcoder_lsp.engine import Engine, Handle, Request, Result
 from starcoder_lsp.prompt import FimPrompt, PromptOptions, build_prompt, default_budgets
 
 MULTILINE_POLICIES = ("auto", "always", "never")
+DOCSTRING_TOKENS = 128  # at least this many new tokens for a docstring
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,39 @@ class Completer:
                  filename: str | None = None) -> Suggestion:  # fmt: skip
         """The blocking form of `start`, for the CLI and benchmarks."""
         return self.start(document, text, cursor, settings, filename).future.result()
+
+    def docstring(self, document: Hashable, text: str, target: docstring.Target,
+                  settings: Settings) -> Pending:  # fmt: skip
+        """Begin a docstring for `target`: the future resolves to a Suggestion whose text is
+        the lines to insert before `target.body_line` ("" when the model wrote nothing)."""
+        start = time.perf_counter()
+        prefix, suffix = docstring.fim_split(text, target)
+        prompt = build_prompt(prefix + suffix, len(prefix), self.tokenizer, self.tokens,
+                              self.options(settings))  # fmt: skip
+        request = Request(
+            prompt.ids,
+            max_new_tokens=max(settings.max_new_tokens, DOCSTRING_TOKENS),
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            stop=docstring.stop_at_quotes,
+            group=(document, "docstring"),
+        )
+        pending = Pending(handle=self.engine.submit(request))
+
+        def finish(done: Future) -> None:
+            try:
+                result = done.result()
+            except Exception as e:
+                pending.future.set_exception(e)
+                return
+            lines = docstring.format_docstring(result.text, target.indent)
+            if result.finish_reason in ("cancelled", "superseded"):
+                lines = ""
+            seconds = time.perf_counter() - start
+            pending.future.set_result(Suggestion(lines, 0, False, result, prompt, seconds))
+
+        pending.handle.future.add_done_callback(finish)
+        return pending
 
     def forget(self, document: Hashable) -> None:
         self._shown.pop(document, None)

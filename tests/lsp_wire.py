@@ -1,0 +1,118 @@
+"""A raw LSP client for tests that need the bytes on the wire: malformed messages, replies as
+plain JSON. It answers the server's own requests (applyEdit, progress) like an editor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import ssl
+from typing import Any
+
+HEADER = b"Content-Length: %d\r\n\r\n"
+
+
+class WireClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.notifications: list[dict[str, Any]] = []
+        self.server_requests: list[dict[str, Any]] = []
+        self._ids = itertools.count(1)
+
+    @classmethod
+    async def tcp(cls, port: int, tls: ssl.SSLContext | None = None) -> WireClient:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls, limit=2**24, server_hostname="localhost" if tls else None
+        )
+        return cls(reader, writer)
+
+    async def send_body(self, body: bytes) -> None:
+        self.writer.write(HEADER % len(body) + body)
+        await self.writer.drain()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.send_body(json.dumps({"jsonrpc": "2.0", **message}).encode())
+
+    async def notify(self, method: str, params: Any = None) -> None:
+        await self.send({"method": method, "params": params})
+
+    async def request(self, method: str, params: Any = None, timeout: float = 60) -> dict:
+        """The server's reply (with `result` or `error`) to a new request."""
+        number = next(self._ids)
+        await self.send({"id": number, "method": method, "params": params})
+        return await self.reply(number, timeout)
+
+    async def reply(self, number: int, timeout: float = 60) -> dict:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.read()
+                if message.get("id") == number and "method" not in message:
+                    return message
+
+    async def read(self) -> dict[str, Any]:
+        """The next message; server requests are answered, notifications kept."""
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("the server closed the connection")
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+            elif line == b"\r\n":
+                break
+        message = json.loads(await self.reader.readexactly(length))
+        if "method" in message and "id" in message:
+            self.server_requests.append(message)
+            result: Any = {"applied": True} if message["method"] == "workspace/applyEdit" else None
+            await self.send({"id": message["id"], "result": result})
+        elif "method" in message:
+            self.notifications.append(message)
+        return message
+
+    async def initialize(self, options: dict[str, Any] | None = None,
+                         encodings: list[str] | None = None) -> dict:  # fmt: skip
+        general = {"positionEncodings": encodings} if encodings else {}
+        reply = await self.request("initialize", {
+            "processId": None, "rootUri": None, "initializationOptions": options or {},
+            "capabilities": {"general": general, "window": {"workDoneProgress": True},
+                             "workspace": {"applyEdit": True}},
+        })  # fmt: skip
+        if "result" in reply:
+            await self.notify("initialized", {})
+        return reply
+
+    async def open(self, uri: str, text: str, version: int = 1) -> None:
+        await self.notify("textDocument/didOpen", {"textDocument": {
+            "uri": uri, "languageId": "python", "version": version, "text": text}})  # fmt: skip
+
+    async def inline(self, uri: str, line: int, character: int, timeout: float = 60) -> dict:
+        return await self.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+            "context": {"triggerKind": 2},
+        }, timeout)  # fmt: skip
+
+    async def wait_ready(self, timeout: float = 120) -> dict:
+        async with asyncio.timeout(timeout):
+            while True:
+                stats = (await self.request("starcoder/stats"))["result"]
+                if stats["ready"] or stats["error"]:
+                    return stats
+                await asyncio.sleep(0.2)
+
+    async def closed(self, timeout: float = 10) -> bool:
+        """Whether the server ends the connection within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.read()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()

@@ -1,0 +1,471 @@
+"""The language server end to end: a real `starcoder-lsp serve` process on a random
+checkpoint, driven over stdio by pytest-lsp's client and over TCP by a raw wire client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from lsp_wire import WireClient
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException
+from pytest_lsp import client_capabilities, make_test_lsp_client
+
+SERVE = [sys.executable, "-m", "starcoder_lsp", "serve"]
+PROGRAM = (
+    "import os\n"
+    "\n"
+    "\n"
+    "def add(a, b):\n"
+    "    return a + b\n"
+    "\n"
+    "\n"
+    "class Shape:\n"
+    '    """A shape."""\n'
+    "\n"
+    "    def area(self):\n"
+    "        return 0\n"
+    "\n"
+    "\n"
+    "def main():\n"
+    "    "
+)
+END = types.Position(line=15, character=4)
+SPECIAL_TOKENS = ("<fim_", "<|endoftext|>", "<filename>", "<file_sep>")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_tcp_server(model: Path, log: Path, *extra: str) -> Server:
+    process = subprocess.Popen(
+        [*SERVE, "--tcp", "--port", "0", "--model", str(model), *extra],
+        stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+    )  # fmt: skip
+    line = process.stdout.readline()
+    if "listening on" not in line:
+        process.kill()
+        raise AssertionError(f"the server did not start: {line!r}\n{log.read_text()}")
+    return Server(process, int(line.split()[3].rsplit(":", 1)[1]), log)
+
+
+def stop(server: Server) -> None:
+    server.process.terminate()
+    server.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tcp_server(tiny_mqa_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_tcp_server(tiny_mqa_dir, tmp_path_factory.mktemp("tcp") / "server.log")
+    yield server
+    stop(server)
+
+
+async def connect(server: Server, options: dict | None = None, **kwargs) -> WireClient:
+    client = await WireClient.tcp(server.port, **kwargs)
+    reply = await client.initialize({"multiline": "always", **(options or {})})
+    assert "result" in reply, reply
+    await client.wait_ready()
+    return client
+
+
+# --- stdio, with pytest-lsp's client -------------------------------------------------------
+
+
+async def test_stdio_session(tiny_mqa_dir: Path) -> None:
+    """initialize, progress, open, edit, complete, cancel, settings, docstring, accept."""
+    client = make_test_lsp_client()
+    edits: list[types.ApplyWorkspaceEditParams] = []
+
+    @client.feature(types.WORKSPACE_APPLY_EDIT)
+    def apply_edit(params: types.ApplyWorkspaceEditParams) -> types.ApplyWorkspaceEditResult:
+        edits.append(params)
+        return types.ApplyWorkspaceEditResult(applied=True)
+
+    await client.start_io(*SERVE, "--stdio", "--model", str(tiny_mqa_dir))
+    try:
+        await _stdio_session(client, edits)
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+async def _stdio_session(client, edits: list[types.ApplyWorkspaceEditParams]) -> None:
+    uri = "file:///work/program.py"
+    reply = await client.initialize_session(
+        types.InitializeParams(
+            capabilities=client_capabilities("neovim@v0.11.0"),
+            initialization_options={"multiline": "always", "maxNewTokens": 24},
+        )
+    )
+    assert reply.capabilities.inline_completion_provider is not None
+    assert reply.capabilities.completion_provider is None  # the fallback is off by default
+    document = types.TextDocumentItem(uri=uri, language_id="python", version=1, text=PROGRAM)
+    client.text_document_did_open(types.DidOpenTextDocumentParams(document))
+    params = _inline_params(uri, END)
+    early = await client.text_document_inline_completion_async(params)
+    stats = await client.protocol.send_request_async("starcoder/stats", None)
+    if not stats.ready:  # answered while loading: an empty list, not an error
+        assert list(early.items) == []
+
+    async with asyncio.timeout(120):
+        while not (await client.protocol.send_request_async("starcoder/stats", None)).ready:
+            await asyncio.sleep(0.2)
+    if client.progress_reports:  # it was still loading at `initialized`: progress to the end
+        [reports] = client.progress_reports.values()
+        async with asyncio.timeout(10):
+            while not isinstance(reports[-1], types.WorkDoneProgressEnd):
+                await asyncio.sleep(0.1)
+        assert isinstance(reports[0], types.WorkDoneProgressBegin)
+        assert reports[-1].message == "ready"
+        assert any("compiling" in (r.message or "") for r in reports[1:-1])
+
+    answer = await client.text_document_inline_completion_async(params)
+    assert len(answer.items) == 1
+    item = answer.items[0]
+    assert item.insert_text.strip()
+    assert not any(token in item.insert_text for token in SPECIAL_TOKENS)
+    assert item.range.start == END
+    assert item.command.command == "starcoder.accepted"
+
+    # An incremental edit: (15, 10) exists only once "x = 1 " has been inserted.
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+        content_changes=[types.TextDocumentContentChangePartial(
+            range=types.Range(start=END, end=END), text="x = 1 ")],
+    ))  # fmt: skip
+    edited = await client.text_document_inline_completion_async(_inline_params(uri, (15, 10)))
+    assert edited.items and edited.items[0].range.start == types.Position(15, 10)
+
+    # $/cancelRequest stops the generation itself, not only the reply.
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"starcoder": {"maxNewTokens": 400, "multiline": "always"}}))  # fmt: skip
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=3),
+        content_changes=[types.TextDocumentContentChangePartial(
+            range=types.Range(start=types.Position(15, 10), end=types.Position(15, 10)),
+            text="\n    ")],
+    ))  # fmt: skip
+    long = _inline_params(uri, (16, 4))
+    request = asyncio.ensure_future(client.protocol.send_request_async(
+        types.TEXT_DOCUMENT_INLINE_COMPLETION, long, msg_id="long"))  # fmt: skip
+    await asyncio.sleep(0.05)
+    client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="long"))
+    with pytest.raises(JsonRpcException) as cancelled:
+        await request
+    assert cancelled.value.code == types.LSPErrorCodes.RequestCancelled
+    async with asyncio.timeout(30):
+        while (await client.protocol.send_request_async("starcoder/stats", None)).cancelled < 1:
+            await asyncio.sleep(0.1)
+
+    # Settings: disabled answers nothing; an invalid value is reported and not applied.
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"starcoder": {"enabled": False, "maxNewTokens": 24}}))  # fmt: skip
+    assert not (await client.text_document_inline_completion_async(params)).items
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"starcoder": {"enabled": True, "fimMode": "backwards"}}))  # fmt: skip
+    async with asyncio.timeout(10):
+        while not any("fimMode" in m.message for m in client.messages):
+            await asyncio.sleep(0.05)
+    assert not (await client.text_document_inline_completion_async(params)).items
+
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"starcoder": {"enabled": True}}))  # fmt: skip
+    at_def = [uri, {"line": 3, "character": 4}]
+    result = await client.workspace_execute_command_async(types.ExecuteCommandParams(
+        command="starcoder.generateDocstring", arguments=at_def))  # fmt: skip
+    assert result["applied"] is True
+    [edit] = edits[0].edit.changes[uri]
+    assert edit.range.start == edit.range.end == types.Position(4, 0)
+    assert edit.new_text == result["docstring"]
+    assert edit.new_text.startswith('    """') and edit.new_text.endswith('"""\n')
+    compile(PROGRAM[: PROGRAM.index("    return a + b")] + edit.new_text + "    return 1\n",
+            "docstring", "exec")  # fmt: skip
+
+    await client.workspace_execute_command_async(types.ExecuteCommandParams(
+        command="starcoder.accepted", arguments=[uri]))  # fmt: skip
+    stats = await client.protocol.send_request_async("starcoder/stats", None)
+    assert stats.accepted == 1 and stats.docstrings == 1 and stats.requests >= 6
+
+
+def _inline_params(uri: str, at: types.Position | tuple[int, int]) -> types.InlineCompletionParams:
+    position = at if isinstance(at, types.Position) else types.Position(*at)
+    return types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        position=position,
+        context=types.InlineCompletionContext(
+            trigger_kind=types.InlineCompletionTriggerKind.Automatic
+        ),
+    )
+
+
+# --- TCP: many clients, one engine ---------------------------------------------------------
+
+
+async def test_two_clients_get_answers_for_their_own_documents(tcp_server: Server) -> None:
+    uri = "file:///same/name.py"  # the same URI holds different text on each connection
+    long_text = "".join(f"value_{i} = {i}\n" for i in range(20)) + "def f():\n    "
+    short_text = "import sys\nprint("
+    first, second = await connect(tcp_server), await connect(tcp_server)
+    await first.open(uri, long_text)
+    await second.open(uri, short_text)
+    together = await asyncio.gather(first.inline(uri, 21, 4), second.inline(uri, 1, 6))
+    assert [("result" in r) for r in together] == [True, True], together
+    # Line 21 exists only in the first client's document.
+    assert "error" in await second.inline(uri, 21, 4)
+    alone = [await first.inline(uri, 21, 4), await second.inline(uri, 1, 6)]
+    assert [r["result"] for r in together] == [r["result"] for r in alone]
+
+    # One client vanishing (no shutdown) leaves the other served.
+    first.writer.transport.abort()
+    assert "result" in await second.inline(uri, 1, 6)
+    third = await connect(tcp_server)
+    await third.open(uri, long_text)
+    assert (await third.inline(uri, 21, 4))["result"] == alone[0]["result"]
+    for client in (second, third):
+        await client.close()
+
+
+async def test_exit_ends_only_its_connection(tcp_server: Server) -> None:
+    leaving = await connect(tcp_server)
+    await leaving.request("shutdown")
+    await leaving.notify("exit")
+    assert await leaving.closed()
+    assert tcp_server.process.poll() is None
+    staying = await connect(tcp_server)
+    assert (await staying.request("starcoder/stats"))["result"]["ready"]
+    await staying.close()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+async def test_position_encodings_with_text_before_the_cursor(
+    tcp_server: Server, encoding: str
+) -> None:
+    client = await WireClient.tcp(tcp_server.port)
+    offered = ["utf-16", "utf-8"] if encoding == "utf-8" else None  # utf-8 wins when offered
+    reply = await client.initialize({"multiline": "never"}, encodings=offered)
+    assert reply["result"]["capabilities"]["positionEncoding"] == encoding
+    await client.wait_ready()
+    uri = "file:///unicode.py"
+    line = 'name = "héllo 😀" + '
+    await client.open(uri, f"{line}\nprint(name)\n")
+    width = len(line.encode("utf-8" if encoding == "utf-8" else "utf-16-le"))
+    width //= 1 if encoding == "utf-8" else 2
+    at_end = await client.inline(uri, 0, width)
+    assert "result" in at_end, at_end
+    for item in at_end["result"]["items"]:
+        assert item["range"]["start"] == {"line": 0, "character": width}
+    # One unit past the end of the line, in the negotiated encoding, is refused.
+    past = await client.inline(uri, 0, width + 1)
+    assert past["error"]["code"] == types.ErrorCodes.InvalidParams
+    # And the other encoding's end of line is not this one's: code points < UTF-16 < UTF-8.
+    other = len(line.encode("utf-8")) if encoding == "utf-16" else len(line)
+    assert ("error" in await client.inline(uri, 0, other)) == (other > width)
+    await client.close()
+
+
+async def test_bad_input_is_answered_and_the_server_keeps_serving(tcp_server: Server) -> None:
+    client = await connect(tcp_server)
+    uri = "file:///ok.py"
+    await client.open(uri, PROGRAM)
+
+    await client.send_body(b'{"jsonrpc": "2.0", "id": 99, "method": ')  # malformed JSON
+    await client.send_body(b'{"jsonrpc": "2.0", "method": "x", "params": "\xff\xfe"}')  # bad UTF-8
+    unknown = await client.request("textDocument/frobnicate", {})
+    assert unknown["error"]["code"] == types.ErrorCodes.MethodNotFound
+    past = await client.inline(uri, 400, 0)
+    assert past["error"]["code"] == types.ErrorCodes.InvalidParams
+    assert "past the end" in past["error"]["message"]
+    wide = await client.inline(uri, 0, 80)
+    assert "past the end of its line" in wide["error"]["message"]
+    missing = await client.inline("file:///never/opened.py", 0, 0)
+    assert "unknown document" in missing["error"]["message"]
+    shapeless = await client.request("textDocument/inlineCompletion", {"position": "here"})
+    assert "error" in shapeless
+
+    huge = "x = 1\n" * (5 * 2**20 // 6) + "def tail():\n    "
+    await client.open("file:///huge.py", huge)
+    lines = huge.count("\n")
+    assert "result" in await client.inline("file:///huge.py", lines, 4, timeout=120)
+
+    ok = await client.inline(uri, END.line, END.character)
+    assert ok["result"]["items"], ok
+    errors = [n["params"]["message"] for n in client.notifications
+              if n["method"] == "window/showMessage"]  # fmt: skip
+    assert any("Error in server" in m for m in errors), errors  # the bad bodies were reported
+    await client.close()
+
+
+async def test_code_action_offers_docstrings_where_missing(tcp_server: Server) -> None:
+    client = await connect(tcp_server)
+    uri = "file:///actions.py"
+    await client.open(uri, PROGRAM)
+
+    async def actions(line: int) -> list[dict]:
+        reply = await client.request("textDocument/codeAction", {
+            "textDocument": {"uri": uri},
+            "range": {"start": {"line": line, "character": 0},
+                      "end": {"line": line, "character": 0}},
+            "context": {"diagnostics": []},
+        })  # fmt: skip
+        return reply["result"]
+
+    [action] = await actions(4)  # inside add(), which has no docstring
+    assert action["title"] == "Generate docstring"
+    assert action["kind"] == "refactor.rewrite"
+    assert action["command"]["command"] == "starcoder.generateDocstring"
+    assert action["command"]["arguments"][0] == uri
+    assert await actions(8) == []  # Shape has one
+    assert await actions(0) == []  # not in a definition
+
+    command = action["command"]
+    applied = await client.request("workspace/executeCommand", {
+        "command": command["command"], "arguments": command["arguments"]})  # fmt: skip
+    assert applied["result"]["applied"] is True
+    [edit_request] = [r for r in client.server_requests if r["method"] == "workspace/applyEdit"]
+    [edit] = edit_request["params"]["edit"]["changes"][uri]
+    assert edit["range"]["start"] == {"line": 4, "character": 0}
+    assert edit["newText"].startswith('    """')
+    await client.close()
+
+
+async def test_completion_fallback_is_off_unless_asked_for(tcp_server: Server) -> None:
+    plain = await connect(tcp_server)
+    assert (await plain.request("textDocument/completion", {
+        "textDocument": {"uri": "file:///x.py"}, "position": {"line": 0, "character": 0},
+    }))["error"]["code"] == types.ErrorCodes.MethodNotFound  # fmt: skip
+    await plain.close()
+
+    client = await WireClient.tcp(tcp_server.port)
+    reply = await client.initialize({"completionFallback": True, "multiline": "always"})
+    assert "completionProvider" in reply["result"]["capabilities"]
+    await client.wait_ready()
+    uri = "file:///fallback.py"
+    await client.open(uri, PROGRAM)
+    position = {"line": END.line, "character": END.character}
+    completion = await client.request("textDocument/completion", {
+        "textDocument": {"uri": uri}, "position": position})  # fmt: skip
+    inline = await client.inline(uri, END.line, END.character)
+    [item] = completion["result"]["items"]
+    text = inline["result"]["items"][0]["insertText"]
+    assert item["textEdit"]["newText"] == text
+    assert item["label"] == (text.split("\n", 1)[0].strip() or text.strip())
+    await client.close()
+
+
+async def test_unknown_settings_are_logged_once(tcp_server: Server) -> None:
+    client = await connect(tcp_server, {"someUnknownKnob": 1})
+    for _ in range(2):
+        await client.notify("workspace/didChangeConfiguration",
+                            {"settings": {"starcoder": {"someUnknownKnob": 2}}})  # fmt: skip
+    assert "result" in await client.request("starcoder/stats")
+    assert tcp_server.log_text().count("unknown setting 'someUnknownKnob'") == 1
+    await client.close()
+
+
+# --- tokens and TLS -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_token_and_tls(tiny_mqa_dir: Path, tmp_path: Path, certificate) -> None:
+    cert, key = certificate
+    server = start_tcp_server(tiny_mqa_dir, tmp_path / "server.log", "--token", "s3cret",
+                              "--tls-cert", str(cert), "--tls-key", str(key))  # fmt: skip
+    tls = ssl.create_default_context(cafile=str(cert))
+    try:
+        # Plain TCP to a TLS server gets nowhere.
+        plain = await WireClient.tcp(server.port)
+        await plain.send({"id": 1, "method": "initialize", "params": {"capabilities": {}}})
+        assert await plain.closed()
+
+        for token in (None, "wrong"):
+            client = await WireClient.tcp(server.port, tls=tls)
+            reply = await client.initialize({"token": token} if token else {})
+            assert "token" in reply["error"]["message"]
+            assert await client.closed()  # and nothing else
+
+        sneaky = await WireClient.tcp(server.port, tls=tls)
+        await sneaky.send({"id": 1, "method": "starcoder/stats", "params": None})
+        assert await sneaky.closed()
+
+        client = await connect(server, {"token": "s3cret"}, tls=tls)
+        await client.open("file:///t.py", PROGRAM)
+        assert "result" in await client.inline("file:///t.py", END.line, END.character)
+        await client.close()
+        assert server.process.poll() is None
+    finally:
+        stop(server)
+
+
+def test_public_address_needs_a_token(tiny_mqa_dir: Path) -> None:
+    done = subprocess.run([*SERVE, "--tcp", "--host", "0.0.0.0", "--model", str(tiny_mqa_dir)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "--token" in done.stderr and "STARCODER_LSP_TOKEN" in done.stderr
+
+
+def test_tls_needs_a_readable_certificate(tiny_mqa_dir: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*SERVE, "--tcp", "--tls-cert", str(tmp_path / "missing.pem"),
+         "--tls-key", str(tmp_path / "missing.key"), "--model", str(tiny_mqa_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "missing.pem" in done.stderr
+
+
+def test_a_missing_model_is_reported_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    async def session() -> dict:
+        server = start_tcp_server(tmp_path / "no-such-model", tmp_path / "server.log")
+        try:
+            client = await WireClient.tcp(server.port)
+            await client.initialize()
+            stats = await client.wait_ready()
+            await client.open("file:///a.py", "x = ")
+            assert (await client.inline("file:///a.py", 0, 4))["result"] == {"items": []}
+            await client.close()
+            return stats
+        finally:
+            stop(server)
+
+    stats = asyncio.run(session())
+    assert stats["ready"] is False
+    assert "no-such-model" in stats["error"]
+
+
+def test_stats_is_json(tcp_server: Server) -> None:
+    async def stats() -> dict:
+        client = await connect(tcp_server)
+        reply = await client.request("starcoder/stats")
+        await client.close()
+        return reply["result"]
+
+    result = asyncio.run(stats())
+    assert json.loads(json.dumps(result)) == result
+    assert {"requests", "shown", "accepted", "cacheHits", "latencyMs", "model"} <= set(result)
