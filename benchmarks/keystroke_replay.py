@@ -88,12 +88,17 @@ def pick_stretch(source: str, tokenizer: object, min_context: int, chars: int) -
 
 
 def replay(completer: Completer, stats: Stats, source: str, start: int, end: int,
-           settings: Settings, every: int = 1) -> list[tuple[list[int], int]]:  # fmt: skip
-    """Type the stretch back; returns each model request's prompt and new-token count."""
+           settings: Settings, every: int = 1,
+           cpm: float = 0) -> list[tuple[list[int], int]]:  # fmt: skip
+    """Type the stretch back at `cpm` characters per minute (0: as fast as answers come);
+    returns each model request's prompt and new-token count."""
     before, typed, after = source[:start], source[start:end], source[end:]
     requests = []
     points = pauses(typed)[::every]
+    began_typing = time.perf_counter()
     for n, point in enumerate(points):
+        if cpm:  # wait for the typist to reach this pause; a slow answer puts them behind
+            time.sleep(max(0.0, began_typing + point * 60 / cpm - time.perf_counter()))
         text = before + typed[:point] + after
         cursor = start + point
         began = time.perf_counter()
@@ -144,6 +149,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16,
                         help="cap of a single-line suggestion (random weights rarely end a "
                         "line by themselves)")  # fmt: skip
+    parser.add_argument("--cpm", type=float, default=250,
+                        help="typing speed in characters per minute (0: type on as soon as "
+                        "each suggestion arrives)")  # fmt: skip
     parser.add_argument(
         "--baseline-every", type=int, default=12, help="no-cache and transformers: every Nth pause"
     )
@@ -174,7 +182,7 @@ def main() -> None:
         completer = Completer(engine, ckpt.tokenizer, ckpt.tokens)
         settings = Settings(fim_mode=mode, max_new_tokens=args.max_new_tokens, multiline="never")
         stats = Stats(name, note="" if every == 1 else f"every {every}th pause")
-        requests = replay(completer, stats, source, start, end, settings, every)
+        requests = replay(completer, stats, source, start, end, settings, every, args.cpm)
         if not cached:
             recorded = requests
         engine.close()
@@ -183,7 +191,7 @@ def main() -> None:
     baseline.note = f"every {args.baseline_every}th pause"
     all_stats.append(baseline)
     print(f"\nkeystroke replay · {args.file.name} · {args.chars} chars after ≥{args.min_context} "
-          f"tokens · single-line · greedy · {ckpt.path.name}")  # fmt: skip
+          f"tokens · {args.cpm:g} cpm · single-line · greedy · {ckpt.path.name}")  # fmt: skip
     print(HEADER)
     for stats in all_stats:
         print(stats.row())
