@@ -1,0 +1,240 @@
+-- starcoder.nvim: inline completions from a starcoder-lsp server.
+--
+--   require("starcoder").setup({ model = "bigcode/tiny_starcoder_py" })
+--
+-- See editors/README.md for the options, keys and a remote server.
+local builtin = require("starcoder.builtin")
+local client = require("starcoder.client")
+local compat = require("starcoder.compat")
+local config = require("starcoder.config")
+local docstring = require("starcoder.docstring")
+local suggestion = require("starcoder.suggestion")
+
+local api = vim.api
+local M = {}
+
+local configured = false
+
+local function use_builtin()
+  return config.options.builtin and builtin.available()
+end
+
+local function attach(bufnr)
+  local c = client.attach(bufnr)
+  if c and use_builtin() then
+    builtin.enable(c.id, suggestion.enabled)
+  end
+end
+
+-- Each key: when it applies, and what it does. Where it does not apply, the key keeps its
+-- usual meaning.
+local function on_suggestion(run)
+  return { when = suggestion.visible, run = run }
+end
+
+local actions = {
+  accept = on_suggestion(function()
+    suggestion.accept("all")
+  end),
+  accept_word = on_suggestion(function()
+    suggestion.accept("word")
+  end),
+  accept_line = on_suggestion(function()
+    suggestion.accept("line")
+  end),
+  dismiss = on_suggestion(suggestion.dismiss),
+  next = {
+    when = function()
+      return true
+    end,
+    run = suggestion.next,
+  },
+}
+
+--- Runs a key's action (from the <Cmd> the mapping returns).
+function M._run(name)
+  actions[name].run()
+end
+
+local function map_keys(keys)
+  for name, lhs in pairs(keys) do
+    if lhs and actions[name] then
+      local rhs = ("<Cmd>lua require('starcoder')._run(%q)<CR>"):format(name)
+      vim.keymap.set("i", lhs, function()
+        if actions[name].when() then
+          return rhs
+        end
+        return lhs
+      end, { expr = true, silent = true, desc = "starcoder: " .. name })
+    end
+  end
+end
+
+local function map_builtin_keys(keys)
+  if keys.accept then
+    vim.keymap.set("i", keys.accept, function()
+      if not builtin.accept() then
+        return keys.accept
+      end
+    end, { expr = true, silent = true, desc = "starcoder: accept" })
+  end
+  if keys.next then
+    vim.keymap.set("i", keys.next, builtin.next, { desc = "starcoder: next suggestion" })
+  end
+end
+
+local function setup_highlight()
+  vim.cmd("highlight default link " .. config.options.hl_group .. " Comment")
+end
+
+function M.setup(user)
+  local options = config.set(user)
+  if options.builtin and not builtin.available() then
+    local message = "starcoder: builtin = true needs Neovim 0.12; the plugin shows suggestions"
+    vim.notify(message, vim.log.levels.WARN)
+  end
+  local group = api.nvim_create_augroup("starcoder", { clear = true })
+  api.nvim_create_autocmd({ "BufEnter", "FileType" }, {
+    group = group,
+    callback = function(event)
+      attach(event.buf)
+    end,
+  })
+  api.nvim_create_autocmd("ColorScheme", { group = group, callback = setup_highlight })
+  setup_highlight()
+  if use_builtin() then
+    map_builtin_keys(options.keys)
+  else
+    suggestion.setup_autocmds()
+    map_keys(options.keys)
+  end
+  configured = true
+  attach(api.nvim_get_current_buf())
+end
+
+function M.is_setup()
+  return configured
+end
+
+local function need_setup()
+  if not configured then
+    vim.notify("starcoder: call require('starcoder').setup() first", vim.log.levels.ERROR)
+    return true
+  end
+end
+
+--- Restarts the server (:StarcoderRestart), e.g. after it failed to start.
+function M.restart()
+  if not need_setup() then
+    client.restart()
+  end
+end
+
+--- Accepts the whole suggestion shown; false if there is none (for your own mappings).
+function M.accept()
+  if use_builtin() then
+    return builtin.accept()
+  end
+  return suggestion.accept("all")
+end
+
+function M.accept_word()
+  return suggestion.accept("word")
+end
+
+function M.accept_line()
+  return suggestion.accept("line")
+end
+
+function M.dismiss()
+  local shown = suggestion.visible()
+  suggestion.dismiss()
+  return shown
+end
+
+--- Shows the next suggestion (asks the server again when it gave only one).
+function M.next()
+  if use_builtin() then
+    return builtin.next()
+  end
+  suggestion.next()
+end
+
+--- The text the shown suggestion would insert at the cursor, or nil.
+function M.suggestion()
+  return suggestion.current_text()
+end
+
+--- Generates a docstring for the function or class at the cursor (:StarcoderDocstring).
+function M.docstring(on_done)
+  if need_setup() then
+    return
+  end
+  docstring.run(on_done)
+end
+
+--- The server's `starcoder/stats` (blocking, at most timeout_ms); nil and a reason on failure.
+function M.stats(timeout_ms)
+  local c = client.ensure()
+  if not c then
+    return nil, client.failure or "the server could not be started"
+  end
+  timeout_ms = timeout_ms or 5000
+  if not client.wait_initialized(c, timeout_ms) then
+    return nil, "the server did not answer initialize in " .. timeout_ms .. " ms"
+  end
+  local response, err = compat.request_sync(c, "starcoder/stats", vim.empty_dict(), timeout_ms)
+  if not response then
+    return nil, err or "no answer"
+  end
+  if response.err then
+    return nil, response.err.message or vim.inspect(response.err)
+  end
+  return response.result
+end
+
+--- A short state for statuslines: "off", "starting", "loading 40%", "ready" or an error.
+function M.status()
+  if not suggestion.enabled then
+    return "off"
+  end
+  if not client.get() then
+    return client.progress.message or "stopped"
+  end
+  local progress = client.progress
+  if progress.done then
+    return progress.message or "ready"
+  end
+  if progress.percentage then
+    return ("%s %d%%"):format(progress.message or "loading", progress.percentage)
+  end
+  return progress.message or "ready"
+end
+
+function M.enable()
+  suggestion.enabled = true
+  local c = client.get()
+  if c and use_builtin() then
+    builtin.enable(c.id, true)
+  end
+end
+
+function M.disable()
+  suggestion.enabled = false
+  suggestion.dismiss()
+  local c = client.get()
+  if c and use_builtin() then
+    builtin.enable(c.id, false)
+  end
+end
+
+function M.toggle()
+  if suggestion.enabled then
+    M.disable()
+  else
+    M.enable()
+  end
+  vim.notify("starcoder: " .. (suggestion.enabled and "on" or "off"))
+end
+
+return M
