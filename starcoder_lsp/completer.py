@@ -127,20 +127,8 @@ class Completer:
             group=document,
         )
         pending.handle = self.engine.submit(request)
-
-        def finish(done: Future) -> None:
-            try:
-                result = done.result()
-            except Exception as e:
-                pending.future.set_exception(e)
-                return
-            pending.future.set_result(
-                self._suggestion(
-                    document, text, cursor, prompt, result, multiline, settings, start
-                )  # fmt: skip
-            )
-
-        pending.handle.future.add_done_callback(finish)
+        _resolve_with(pending, lambda result: self._suggestion(
+            document, text, cursor, prompt, result, multiline, settings, start))  # fmt: skip
         return pending
 
     def complete(self, document: Hashable, text: str, cursor: int, settings: Settings,
@@ -166,19 +154,12 @@ class Completer:
         )
         pending = Pending(handle=self.engine.submit(request))
 
-        def finish(done: Future) -> None:
-            try:
-                result = done.result()
-            except Exception as e:
-                pending.future.set_exception(e)
-                return
-            lines = docstring.format_docstring(result.text, target.indent)
-            if result.finish_reason in ("cancelled", "superseded"):
-                lines = ""
-            seconds = time.perf_counter() - start
-            pending.future.set_result(Suggestion(lines, 0, False, result, prompt, seconds))
+        def suggestion(result: Result) -> Suggestion:
+            stopped = result.finish_reason in ("cancelled", "superseded")
+            lines = "" if stopped else docstring.format_docstring(result.text, target.indent)
+            return Suggestion(lines, 0, False, result, prompt, time.perf_counter() - start)
 
-        pending.handle.future.add_done_callback(finish)
+        _resolve_with(pending, suggestion)
         return pending
 
     def forget(self, document: Hashable) -> None:
@@ -243,3 +224,18 @@ class Completer:
         covered = shown.suggestion.replace_suffix_chars if after == shown.after else 0
         return replace(shown.suggestion, text=rest, replace_suffix_chars=covered,
                        typed_through=True)  # fmt: skip
+
+
+def _resolve_with(pending: Pending, suggestion: Callable[[Result], Suggestion]) -> None:
+    """When the engine's result arrives, resolve `pending` with `suggestion(result)`, or with
+    the engine's error."""
+
+    def finish(done: Future) -> None:
+        try:
+            result = done.result()
+        except Exception as e:
+            pending.future.set_exception(e)
+            return
+        pending.future.set_result(suggestion(result))
+
+    pending.handle.future.add_done_callback(finish)

@@ -290,19 +290,15 @@ def test_checkhealth_reports_the_model_loaded(editor: Editor) -> None:
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
-def test_a_remote_server_with_a_token(tls: bool, tiny_mqa_dir: Path, tmp_path: Path) -> None:
+def test_a_remote_server_with_a_token(
+    tls: bool, tiny_mqa_dir: Path, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
     """setup({ host, port, token }): Neovim's TCP client (a pipe on 0.7), or openssl for TLS."""
     token = "secret-token"
     extra: list[str] = []
     options: dict[str, Any] = {"host": "127.0.0.1", "token": token}
     if tls:
-        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-             "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        cert, key = certificate
         extra = ["--tls-cert", str(cert), "--tls-key", str(key)]
         options = {"host": "localhost", "token": token, "tls": True, "tls_ca": str(cert)}
     log = (tmp_path / "server.log").open("w")

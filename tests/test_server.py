@@ -380,19 +380,6 @@ async def test_unknown_settings_are_logged_once(tcp_server: Server) -> None:
 # --- tokens and TLS -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 async def test_token_and_tls(tiny_mqa_dir: Path, tmp_path: Path, certificate) -> None:
     cert, key = certificate
     server = start_tcp_server(tiny_mqa_dir, tmp_path / "server.log", "--token", "s3cret",
