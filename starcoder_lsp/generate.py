@@ -31,7 +31,7 @@ from starcoder_lsp.model import GPTBigCode, PastKV
 # padded, by less than the smallest size; bigger chunks would only add compiled shapes.
 DEFAULT_CHUNKS = (16, 64, 256)
 DEFAULT_BATCHES = (1, 2, 4, 8)
-MIN_SPAN = 1024
+MIN_SPAN = 512
 
 
 # --- sampling --------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
 # --- the compiled step -----------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("model", "span"))
+@partial(jax.jit, static_argnames=("model", "span", "every_slot"))
 def _forward(
     model: GPTBigCode,
     params: dict,
@@ -92,19 +92,29 @@ def _forward(
     positions: jax.Array,
     valid: jax.Array,
     slots: jax.Array,
+    order: jax.Array,
     span: int,
+    every_slot: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Run `tokens` (at `positions`, rows in cache `slots`) against the cached rows.
 
     Row b has positions[b, 0] tokens cached before this call; only the first `span`
-    positions of the cache are read. Returns (logits of each row's last token, new_kv).
+    positions of the cache are read. Returns (logits of each row's last token, in the row
+    order `order`; new_kv). every_slot: row i is slot i for every slot of the cache, so the
+    cache is read as it lies instead of row by row.
     """
-    # One dynamic slice per row: a gather over slot indices runs element by element on CPU
-    # (90 ms for 8 rows of tiny_starcoder_py, against 10 ms for the slices).
-    size = (*cache.shape[:2], 1, span, *cache.shape[4:])
-    rows = [jax.lax.dynamic_slice(cache, (0, 0, slot, 0, 0, 0), size) for slot in slots]
-    past = PastKV(jnp.concatenate(rows, axis=2), positions[:, 0])
-    return model.apply({"params": params}, tokens, positions, valid, past, last_only=True)
+    if every_slot:
+        rows = cache[:, :, :, :span]
+    else:
+        # One dynamic slice per row: a gather over slot indices runs element by element on
+        # CPU (90 ms for 8 rows of tiny_starcoder_py, against 10 ms for the slices).
+        size = (*cache.shape[:2], 1, span, *cache.shape[4:])
+        rows = jnp.concatenate(
+            [jax.lax.dynamic_slice(cache, (0, 0, slot, 0, 0, 0), size) for slot in slots], axis=2
+        )
+    past = PastKV(rows, positions[:, 0])
+    logits, new_kv = model.apply({"params": params}, tokens, positions, valid, past, last_only=True)
+    return logits[order], new_kv
 
 
 # Writing is a program of its own: when the step that reads the cache also updates it, XLA
@@ -180,7 +190,8 @@ class Runner:
         while span < self.max_len:
             spans.append(span)
             span *= 2
-        self.spans = (*spans, self.max_len)
+        # Span 0: a prompt's first chunk reads no cache at all.
+        self.spans = (0, *spans, self.max_len)
         self._replicated = sharding.replicated(mesh)
         c = config
         shape = (c.n_layer, 2, self.slots, self.max_len, c.kv_heads, c.head_dim)
@@ -212,12 +223,18 @@ class Runner:
         positions: np.ndarray,
         valid: np.ndarray,
         slots: np.ndarray,
+        order: np.ndarray | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        span = _bucket(self.spans, int(positions.max()) + 1)
-        tokens, positions, valid, slots = map(self._put, (tokens, positions, valid, slots))
-        logits, new_kv = _forward(
-            self.model, self.params, cache, tokens, positions, valid, slots, span
+        # The span covers what is cached before these tokens; they attend to each other apart.
+        span = _bucket(self.spans, int(positions[:, 0].max()))
+        every_slot = order is not None
+        if order is None:
+            order = np.arange(len(slots), dtype=np.int32)
+        tokens, positions, valid, slots, order = map(
+            self._put, (tokens, positions, valid, slots, order)
         )
+        logits, new_kv = _forward(self.model, self.params, cache, tokens, positions, valid,
+                                  slots, order, span, every_slot)  # fmt: skip
         return logits, _write(cache, new_kv, positions, valid, slots)
 
     def sample(self, logits: jax.Array, sampling: Sampling, key: jax.Array) -> np.ndarray:
@@ -261,6 +278,8 @@ class Runner:
         Returns logits [batch bucket, vocab] (rows past len(slots) are padding) and the cache."""
         n = len(slots)
         size = _bucket(self.batches, n)
+        if size == self.slots:
+            return self._decode_every_slot(cache, slots, tokens, positions)
         pad = lambda a, fill: np.concatenate(
             [np.asarray(a, np.int32), np.full(size - n, fill, np.int32)]
         )
@@ -273,6 +292,28 @@ class Runner:
             pad(slots, slots[0]),
         )
 
+    def _decode_every_slot(
+        self,
+        cache: jax.Array,
+        slots: Sequence[int],
+        tokens: Sequence[int],
+        positions: Sequence[int],
+    ) -> tuple[jax.Array, jax.Array]:
+        """A step that runs one row per slot, row i in slot i, so that the cache is read in
+        place rather than copied row by row (a third of a batch-8 step). Slots without a
+        request run an invalid row that writes nothing; the logits come back in the order of
+        `slots`, padded like `decode`'s."""
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one step: {list(slots)}")
+        n, size = len(slots), self.slots
+        by_slot = np.zeros((3, size), np.int32)  # tokens, positions, valid
+        by_slot[1] = positions[0]
+        by_slot[:, slots] = [tokens, positions, np.ones(n)]
+        order = np.concatenate([np.asarray(slots, np.int32), np.full(size - n, slots[0], np.int32)])
+        every = np.arange(size, dtype=np.int32)
+        tokens, positions, valid = by_slot[:, :, None]
+        return self._forward(cache, tokens, positions, valid.astype(bool), every, order)
+
     def pad_sampling(self, sampling: Sampling, n: int) -> Sampling:
         """Per-row settings padded to the decode batch bucket that n rows use."""
         size = _bucket(self.batches, n)
@@ -281,9 +322,14 @@ class Runner:
     # -- compilation ------------------------------------------------------------------------
 
     def shapes(self) -> list[tuple[str, int, int]]:
-        """Every (kind, size, span) the model step is compiled for."""
-        prefill = [("prefill", c, s) for c in self.chunks for s in self.spans if c <= s]
-        decode = [("decode", b, s) for b in self.batches for s in self.spans]
+        """Every (kind, size, span) the model step is compiled for: the spans a start position
+        can fall into with `size` tokens still fitting in the cache. Decoding follows a
+        prefill, so it never runs with nothing cached."""
+        reachable = lambda length, i: i == 0 or self.spans[i - 1] + length < self.max_len
+        prefill = [("prefill", c, s) for c in self.chunks
+                   for i, s in enumerate(self.spans) if reachable(c, i)]  # fmt: skip
+        decode = [("decode", b, s) for b in self.batches
+                  for i, s in enumerate(self.spans) if i and reachable(1, i)]  # fmt: skip
         return prefill + decode
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> jax.Array:
@@ -295,11 +341,14 @@ class Runner:
             if progress:
                 progress(i, len(shapes), f"compiling {kind} {size}×{span}")
             tokens = np.zeros((size, 1) if kind == "decode" else (1, size), np.int32)
-            positions = np.full_like(tokens, span - 1)
-            positions[..., 0] = span - tokens.shape[1]
+            start = min(span, self.max_len - tokens.shape[1])
+            positions = start + np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
             batch = tokens.shape[0]
+            slots, order = np.zeros(batch, np.int32), None
+            if batch == self.slots:  # decode's every-slot step
+                slots = order = np.arange(batch, dtype=np.int32)
             logits, cache = self._forward(
-                cache, tokens, positions, np.zeros_like(tokens, bool), np.zeros(batch, np.int32)
+                cache, tokens, positions, np.zeros_like(tokens, bool), slots, order
             )
             if kind == "decode" or size == self.chunks[0]:
                 self.sample(logits, Sampling.rows(1.0, 0.9, 5, batch=batch), key)

@@ -21,6 +21,7 @@ can be split across devices while the single MQA key/value head is replicated.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -87,13 +88,62 @@ def activation(name: str) -> callable:
     return {"relu": jax.nn.relu, "silu": jax.nn.silu, "swish": jax.nn.silu}[name]
 
 
+def _scores(q: jax.Array, keys: jax.Array) -> jax.Array:
+    """float32 [b, kv, rows, t] of q [b, kv, rows, hd] against keys [b, t, kv, hd].
+
+    With few query rows (decoding: one token's heads) the product is taken as keys · qᵀ, so
+    that the keys, the large operand, are read where they lie; q · keysᵀ made XLA on CPU
+    copy every cached key into a transposed layout first, which cost more than the product.
+    """
+    if q.shape[2] < q.shape[3]:
+        scores = jnp.einsum("btkd,bkqd->bktq", keys, q, preferred_element_type=jnp.float32)
+        return scores.transpose(0, 1, 3, 2)
+    return jnp.einsum("bkqd,btkd->bkqt", q, keys, preferred_element_type=jnp.float32)
+
+
+def attend(
+    q: jax.Array,
+    past: tuple[jax.Array, jax.Array],
+    past_visible: jax.Array,
+    new: tuple[jax.Array, jax.Array],
+    new_visible: jax.Array,
+) -> jax.Array:
+    """Softmax attention over cached keys and the new tokens' keys, without joining them.
+
+    q: [b, kv, seq·group, hd], already scaled; past, new: (keys, values) [b, t, kv, hd];
+    past_visible: bool [b, 1, t_past]; new_visible: bool [b, seq, seq]. Returns float32
+    [b, kv, seq·group, hd]. The cache is read in place: concatenating it with the new keys
+    would copy all of it at every step. Normalising the output rather than the
+    probabilities saves a pass over [rows, t].
+    """
+    b, kv, rows, _ = q.shape
+    seq = new_visible.shape[1]
+    split = lambda s: s.reshape(b, kv, seq, rows // seq, s.shape[-1])
+
+    def masked(scores: jax.Array, visible: jax.Array) -> jax.Array:
+        return jnp.where(visible[:, None, :, None, :], split(scores), MASKED)
+
+    parts = [(masked(_scores(q, new[0]), new_visible), new[1])]
+    if past[0].shape[1]:
+        parts.append((masked(_scores(q, past[0]), past_visible), past[1]))
+    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s, _ in parts])
+    out, total = 0.0, 0.0
+    for scores, values in parts:
+        weights = jnp.exp(scores - top)
+        total = total + jnp.sum(weights, axis=-1)
+        weights = weights.reshape(b, kv, rows, -1).astype(values.dtype)
+        out = out + jnp.einsum("bkqt,btkd->bkqd", weights, values,
+                               preferred_element_type=jnp.float32)  # fmt: skip
+    return out / total.reshape(b, kv, rows, 1)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, mask: jax.Array, past_kv: jax.Array
+        self, x: jax.Array, masks: tuple[jax.Array, jax.Array], past_kv: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         batch, seq, _ = x.shape
@@ -103,32 +153,29 @@ class Attention(nn.Module):
 
         q = dense(heads * hd, "q_proj")(x).reshape(batch, seq, kv_heads, group, hd)
         kv = dense(2 * kv_heads * hd, "kv_proj")(x).reshape(batch, seq, 2, kv_heads, hd)
-        new_kv = kv.transpose(2, 0, 1, 3, 4)  # [2, b, s, kv_heads, hd]
-        keys, values = jnp.concatenate([past_kv, new_kv.astype(past_kv.dtype)], axis=2)
+        new_kv = kv.transpose(2, 0, 1, 3, 4).astype(past_kv.dtype)  # [2, b, s, kv_heads, hd]
 
         scale = hd**-0.5 if cfg.scale_attn_weights else 1.0
         q = q * jnp.asarray(scale, q.dtype)
         # Queries of all heads sharing a key/value head form one matrix: with MQA the scores
         # of a row are a single [seq·heads, hd] × [hd, time] product.
         q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, seq * group, hd)
-        scores = jnp.einsum("bkqd,btkd->bkqt", q, keys, preferred_element_type=jnp.float32)
-        scores = scores.reshape(batch, kv_heads, seq, group, -1)
-        scores = jnp.where(mask[:, None, :, None, :], scores, MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = probs.reshape(batch, kv_heads, seq * group, -1)
-        out = jnp.einsum("bkqt,btkd->bkqd", probs, values)
+        past_visible, new_visible = masks
+        out = attend(q, (past_kv[0], past_kv[1]), past_visible, (new_kv[0], new_kv[1]),
+                     new_visible).astype(self.dtype)  # fmt: skip
         out = out.reshape(batch, kv_heads, seq, group, hd).transpose(0, 2, 1, 3, 4)
         out = dense(cfg.n_embd, "c_proj")(out.reshape(batch, seq, heads * hd))
         return out, new_kv
 
 
-def attention_mask(positions: jax.Array, valid: jax.Array, past: PastKV) -> jax.Array:
-    """bool [b, s, past + s]: which keys each new token sees. A cached key counts if it lies
-    below the row's length; a new key if it is valid and not after the query."""
+def attention_masks(
+    positions: jax.Array, valid: jax.Array, past: PastKV
+) -> tuple[jax.Array, jax.Array]:
+    """Which keys each new token sees: cached keys below the row's length (bool [b, 1, past]),
+    and new keys that are valid and not after the query (bool [b, s, s])."""
     cached = jnp.arange(past.kv.shape[3])[None, None, :] < past.length[:, None, None]
-    cached = jnp.broadcast_to(cached, (*positions.shape, past.kv.shape[3]))
     new = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
-    return jnp.concatenate([cached, new], axis=-1)
+    return cached, new
 
 
 class MLP(nn.Module):
@@ -151,7 +198,7 @@ class Block(nn.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        masks: tuple[jax.Array, jax.Array],
         past_kv: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         eps = self.config.layer_norm_epsilon
@@ -159,7 +206,7 @@ class Block(nn.Module):
             epsilon=eps, dtype=self.dtype, param_dtype=self.dtype, name=name
         )
         attn_out, new_kv = Attention(self.config, self.dtype, name="attn")(
-            norm("ln_1")(x), mask, past_kv
+            norm("ln_1")(x), masks, past_kv
         )
         x = x + attn_out
         x = x + MLP(self.config, self.dtype, name="mlp")(norm("ln_2")(x))
@@ -196,10 +243,10 @@ class GPTBigCode(nn.Module):
         wte = embed(cfg.vocab_size, "wte")
         x = wte(tokens) + embed(cfg.n_positions, "wpe")(positions)
 
-        mask = attention_mask(positions, valid, past)
+        masks = attention_masks(positions, valid, past)
         new_kv = []
         for i in range(cfg.n_layer):
-            x, kv = Block(cfg, self.dtype, name=f"h_{i}")(x, mask, past.kv[i])
+            x, kv = Block(cfg, self.dtype, name=f"h_{i}")(x, masks, past.kv[i])
             new_kv.append(kv)
         if last_only:
             last = x.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)

@@ -209,6 +209,27 @@ def test_prefill_in_chunks_equals_one_pass(tiny_mqa_dir):
         np.testing.assert_allclose(np.asarray(logits), np.asarray(results[(64,)][0]), atol=1e-4)
 
 
+def test_a_step_over_every_slot_equals_rows_run_alone(tiny_mqa_dir):
+    """Five rows in shuffled slots of eight take the step that reads the cache in place
+    (their batch bucket is the whole cache); each must get what it gets alone."""
+    ckpt = checkpoint.load(tiny_mqa_dir)
+    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=8, chunks=(8, 32))
+    rng = np.random.default_rng(3)
+    slots = [5, 2, 7, 0, 3]
+    cache = runner.new_cache()
+    prompts = {s: rng.integers(20, ckpt.config.vocab_size, 5 + 7 * s).tolist() for s in slots}
+    for slot, prompt in prompts.items():
+        _, cache, _ = runner.prefill(cache, slot, prompt, 0)
+    tokens, positions = [11, 12, 13, 14, 15], [len(prompts[s]) for s in slots]
+    together, cache = runner.decode(cache, slots, tokens, positions)
+    assert together.shape[0] == 8
+    for i, slot in enumerate(slots):
+        alone, cache = runner.decode(cache, [slot], [tokens[i]], [positions[i]])
+        np.testing.assert_allclose(np.asarray(together[i]), np.asarray(alone[0]), atol=1e-4)
+    with pytest.raises(ValueError, match="twice"):
+        runner.decode(cache, [1, 1, 2, 3, 4], tokens, positions)
+
+
 # --- meshes --------------------------------------------------------------------------------
 
 
