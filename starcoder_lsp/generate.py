@@ -278,41 +278,30 @@ class Runner:
         Returns logits [batch bucket, vocab] (rows past len(slots) are padding) and the cache."""
         n = len(slots)
         size = _bucket(self.batches, n)
-        if size == self.slots:
-            return self._decode_every_slot(cache, slots, tokens, positions)
         pad = lambda a, fill: np.concatenate(
             [np.asarray(a, np.int32), np.full(size - n, fill, np.int32)]
         )
-        # Padding rows reuse row 0's slot and position but are invalid, so they write nothing.
-        return self._forward(
-            cache,
-            pad(tokens, 0)[:, None],
-            pad(positions, positions[0])[:, None],
-            (np.arange(size) < n)[:, None],
-            pad(slots, slots[0]),
-        )
-
-    def _decode_every_slot(
-        self,
-        cache: jax.Array,
-        slots: Sequence[int],
-        tokens: Sequence[int],
-        positions: Sequence[int],
-    ) -> tuple[jax.Array, jax.Array]:
-        """A step that runs one row per slot, row i in slot i, so that the cache is read in
-        place rather than copied row by row (a third of a batch-8 step). Slots without a
-        request run an invalid row that writes nothing; the logits come back in the order of
-        `slots`, padded like `decode`'s."""
-        if len(set(slots)) != len(slots):
+        if size < self.slots:
+            # Padding rows reuse row 0's slot and position but are invalid: they write nothing.
+            return self._forward(
+                cache,
+                pad(tokens, 0)[:, None],
+                pad(positions, positions[0])[:, None],
+                (np.arange(size) < n)[:, None],
+                pad(slots, slots[0]),
+            )
+        # A full batch runs one row per slot, row i in slot i, so that the cache is read in
+        # place rather than copied row by row (a third of a batch-8 step). Slots without a
+        # request run an invalid row; the logits come back in the order of `slots`.
+        if len(set(slots)) != n:
             raise ValueError(f"a slot appears twice in one step: {list(slots)}")
-        n, size = len(slots), self.slots
         by_slot = np.zeros((3, size), np.int32)  # tokens, positions, valid
         by_slot[1] = positions[0]
         by_slot[:, slots] = [tokens, positions, np.ones(n)]
-        order = np.concatenate([np.asarray(slots, np.int32), np.full(size - n, slots[0], np.int32)])
-        every = np.arange(size, dtype=np.int32)
         tokens, positions, valid = by_slot[:, :, None]
-        return self._forward(cache, tokens, positions, valid.astype(bool), every, order)
+        every = np.arange(size, dtype=np.int32)
+        return self._forward(cache, tokens, positions, valid.astype(bool), every,
+                             pad(slots, slots[0]))  # fmt: skip
 
     def pad_sampling(self, sampling: Sampling, n: int) -> Sampling:
         """Per-row settings padded to the decode batch bucket that n rows use."""

@@ -14,46 +14,18 @@ M.inline_virt_text = M.has("0.10")
 -- Client methods are called with ":" from 0.11 on; "." still works there but is deprecated.
 local method_calls = M.has("0.11")
 
-function M.request(client, method, params, handler, bufnr)
+-- Calls a client method the way this Neovim expects.
+local function call(client, name, ...)
   if method_calls then
-    return client:request(method, params, handler, bufnr)
+    return client[name](client, ...)
   end
-  return client.request(method, params, handler, bufnr)
+  return client[name](...)
 end
 
-function M.request_sync(client, method, params, timeout_ms, bufnr)
-  if method_calls then
-    return client:request_sync(method, params, timeout_ms, bufnr)
+for _, name in ipairs({ "request", "request_sync", "notify", "cancel_request", "is_stopped", "stop" }) do
+  M[name] = function(client, ...)
+    return call(client, name, ...)
   end
-  return client.request_sync(method, params, timeout_ms, bufnr)
-end
-
-function M.notify(client, method, params)
-  if method_calls then
-    return client:notify(method, params)
-  end
-  return client.notify(method, params)
-end
-
-function M.cancel_request(client, id)
-  if method_calls then
-    return client:cancel_request(id)
-  end
-  return client.cancel_request(id)
-end
-
-function M.is_stopped(client)
-  if method_calls then
-    return client:is_stopped()
-  end
-  return client.is_stopped()
-end
-
-function M.stop(client)
-  if method_calls then
-    return client:stop()
-  end
-  return client.stop()
 end
 
 --- Starts a client without attaching it to a buffer; returns its id.
