@@ -2,8 +2,9 @@
 
 XLA on CPU allocates the temporary buffers of a compiled program at every call and frees
 them after. glibc serves blocks that large with fresh mmaps (or, from a worker thread's
-arena, heaps it trims), so every call faulted in every page again: 20,000 page faults, 40 ms
-of a 150 ms decode step at batch 8 for tiny_starcoder_py. With one arena, no mmaps and no
+arena, heaps it trims), so every call faulted in every page again. Measured on 8 rows of
+tiny_starcoder_py's attention over 1024 cached positions: 20,900 page faults and 63 ms a
+call, against none and 25 ms with this tuning. With one arena, no mmaps and no
 trimming, the second call reuses the first one's pages. The price is that the process keeps
 its peak memory, which a server holding a model and a key/value cache does anyway.
 
