@@ -63,21 +63,36 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:,.1f}" if v >= 10 else f"{v:.3f}"
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _alternating(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each case, run in turn (one call of each per round) after one
+    untimed call each. On a shared machine the speed drifts by tens of percent over minutes;
+    taking turns exposes every case to the same drift, so the ratios hold where the
+    absolute figures wander."""
+    for fn in cases.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(_seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of summing one large array: what streaming weights from memory can reach."""
-    data = jnp.ones((nbytes // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(data).block_until_ready()
-    return nbytes / _median_seconds(lambda: total(data).block_until_ready(), repeats)
+class _BandwidthProbe:
+    """Sums one large array: the rate at which streaming weights from memory can go."""
+
+    def __init__(self, nbytes: int = 1 << 30) -> None:
+        self.nbytes = nbytes
+        self._data = jnp.ones((nbytes // 4,), jnp.float32)
+        self._sum = jax.jit(jnp.sum)
+
+    def __call__(self) -> None:
+        self._sum(self._data).block_until_ready()
 
 
 def decode_bytes(config: object, itemsize: int) -> int:
@@ -90,97 +105,88 @@ def _prompt(vocab: int, n: int) -> list[int]:
     return np.random.default_rng(n).integers(20, vocab, n).tolist()
 
 
-def bench_ours(
-    model: str,
-    mesh: Mesh | None,
-    dtype: jnp.dtype,
-    prefill_lengths: Sequence[int],
-    batches: Sequence[int],
-    repeats: int,
-    log: Callable[[str], None],
-) -> tuple[dict[str, float], checkpoint.Checkpoint]:
-    out: dict[str, float] = {}
-    start = time.perf_counter()
-    ckpt = checkpoint.load(model, mesh, dtype)
-    out["load"] = time.perf_counter() - start
-    log(f"loaded in {out['load']:.1f} s")
-    max_len = ckpt.config.n_positions
-    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, max_len=max_len,
-                    slots=max(batches), batches=batches)  # fmt: skip
-    log(f"compiling {len(runner.shapes())} shapes...")
-    start = time.perf_counter()
-    cache = runner.warmup()
-    out["warmup"] = time.perf_counter() - start
-    for n in prefill_lengths:
-        if n > max_len:
-            continue
-        prompt = _prompt(ckpt.config.vocab_size, n)
+DECODE_CONTEXT = 256  # decoding runs after a prompt of this length, in every row
 
-        def prefill(prompt: list[int] = prompt) -> None:
-            nonlocal cache
-            logits, cache, _ = runner.prefill(cache, 0, prompt, 0)
+
+class _Ours:
+    """Our engine on a checkpoint, with every shape compiled: makes the timed calls."""
+
+    def __init__(self, model: str, mesh: Mesh | None, dtype: jnp.dtype,
+                 batches: Sequence[int], log: Callable[[str], None]) -> None:  # fmt: skip
+        start = time.perf_counter()
+        self.checkpoint = ckpt = checkpoint.load(model, mesh, dtype)
+        self.load = time.perf_counter() - start
+        log(f"loaded in {self.load:.1f} s")
+        self.runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype,
+                             max_len=ckpt.config.n_positions, slots=max(batches),
+                             batches=batches)  # fmt: skip
+        log(f"compiling {len(self.runner.shapes())} shapes...")
+        start = time.perf_counter()
+        self.cache = self.runner.warmup()
+        self.warmup = time.perf_counter() - start
+
+    def prefill(self, prompt: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            logits, self.cache, _ = self.runner.prefill(self.cache, 0, prompt, 0)
             logits.block_until_ready()
 
-        out[f"prefill {n}"] = n / _median_seconds(prefill, repeats)
-        log(f"prefill {n}: {out[f'prefill {n}']:.0f} tok/s")
-    context = 256  # decode after a prompt of this length, in every row
-    for b in batches:
-        for slot in range(b):
-            _, cache, _ = runner.prefill(cache, slot, _prompt(ckpt.config.vocab_size, context), 0)
-        step = 0
+        return run
 
-        def decode(b: int = b) -> None:
-            nonlocal cache, step
-            logits, cache = runner.decode(cache, list(range(b)), [7] * b, [context + step] * b)
+    def decode(self, batch: int) -> Callable[[], None]:
+        vocab = self.checkpoint.config.vocab_size
+        for slot in range(batch):
+            _, self.cache, _ = self.runner.prefill(
+                self.cache, slot, _prompt(vocab, DECODE_CONTEXT), 0
+            )
+        position = DECODE_CONTEXT
+
+        def step() -> None:
+            nonlocal position
+            rows = list(range(batch))
+            logits, self.cache = self.runner.decode(self.cache, rows, [7] * batch,
+                                                    [position] * batch)  # fmt: skip
             logits.block_until_ready()
-            step += 1
+            position += 1
 
-        out[f"decode {b}"] = _median_seconds(decode, repeats * 4) * 1000
-        log(f"decode batch {b}: {out[f'decode {b}']:.1f} ms/step")
-    del cache
-    return out, ckpt
+        return step
 
 
-def bench_transformers(
-    directory: str,
-    prefill_lengths: Sequence[int],
-    batches: Sequence[int],
-    repeats: int,
-    threads: int,
-    log: Callable[[str], None],
-) -> dict[str, float]:
-    import torch
-    from transformers import GPTBigCodeForCausalLM
+class _Transformers:
+    """transformers' GPTBigCodeForCausalLM on the same checkpoint (CPU, float32)."""
 
-    torch.set_num_threads(threads)
-    out: dict[str, float] = {}
-    start = time.perf_counter()
-    model = GPTBigCodeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    out["load"] = time.perf_counter() - start
-    vocab = model.config.vocab_size
-    with torch.inference_mode():
-        for n in prefill_lengths:
-            if n > model.config.n_positions:
-                continue
-            ids = torch.tensor([_prompt(vocab, n)])
-            # logits_to_keep=1: only the last position's logits, as our prefill computes.
-            run = lambda ids=ids: model(ids, use_cache=True, logits_to_keep=1)
-            run()
-            out[f"prefill {n}"] = n / _median_seconds(run, repeats)
-            log(f"transformers prefill {n}: {out[f'prefill {n}']:.0f} tok/s")
-        for b in batches:
-            ids = torch.tensor([_prompt(vocab, 256)] * b)
-            past = model(ids, use_cache=True, logits_to_keep=1).past_key_values
-            token = torch.full((b, 1), 7)
+    def __init__(self, directory: str, threads: int) -> None:
+        import torch
+        from transformers import GPTBigCodeForCausalLM
 
-            def step(token: torch.Tensor = token) -> None:
-                nonlocal past
-                past = model(token, past_key_values=past, use_cache=True).past_key_values
+        torch.set_num_threads(threads)
+        self._torch = torch
+        start = time.perf_counter()
+        self.model = GPTBigCodeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        self.load = time.perf_counter() - start
 
-            step()
-            out[f"decode {b}"] = _median_seconds(step, repeats * 4) * 1000
-            log(f"transformers decode batch {b}: {out[f'decode {b}']:.1f} ms/step")
-    return out
+    def prefill(self, prompt: list[int]) -> Callable[[], None]:
+        ids = self._torch.tensor([prompt])
+
+        def run() -> None:
+            with self._torch.inference_mode():
+                # logits_to_keep=1: only the last position's logits, as our prefill computes.
+                self.model(ids, use_cache=True, logits_to_keep=1)
+
+        return run
+
+    def decode(self, batch: int) -> Callable[[], None]:
+        torch = self._torch
+        ids = torch.tensor([_prompt(self.model.config.vocab_size, DECODE_CONTEXT)] * batch)
+        with torch.inference_mode():
+            past = self.model(ids, use_cache=True, logits_to_keep=1).past_key_values
+        token = torch.full((batch, 1), 7)
+
+        def step() -> None:
+            nonlocal past
+            with torch.inference_mode():
+                past = self.model(token, past_key_values=past, use_cache=True).past_key_values
+
+        return step
 
 
 def run(
@@ -193,41 +199,62 @@ def run(
     compare: bool = True,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> Report:
+    """Each row's cases (ours, transformers, and for decode the bandwidth read) are measured
+    in turn, round by round, so that they share the machine's mood."""
     backend = jax.default_backend()
     jdtype = jnp.dtype(dtype or ("float32" if backend == "cpu" else "bfloat16"))
-    bandwidth = read_bandwidth()
-    log(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    ours, ckpt = bench_ours(model, mesh, jdtype, prefill_lengths, batches, repeats, log)
-    theirs: dict[str, float] = {}
-    if compare:
-        if jdtype != jnp.float32 or backend != "cpu":
-            log("transformers comparison runs on CPU in float32 only; skipped")
-        else:
-            import os
+    ours = _Ours(model, mesh, jdtype, batches, log)
+    config = ours.checkpoint.config
+    theirs: _Transformers | None = None
+    if compare and (jdtype != jnp.float32 or backend != "cpu"):
+        log("transformers comparison runs on CPU in float32 only; skipped")
+    elif compare:
+        import os
 
-            theirs = bench_transformers(
-                str(ckpt.path), prefill_lengths, batches, repeats, os.cpu_count() or 1, log
-            )
+        theirs = _Transformers(str(ours.checkpoint.path), os.cpu_count() or 1)
+    probe = _BandwidthProbe()
+
+    def measure(label: str, cases: dict[str, Callable[[], None]], rounds: int) -> dict:
+        if theirs is None:
+            cases.pop("theirs", None)
+        seconds = _alternating(cases, rounds)
+        log(f"{label}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()))
+        return seconds
+
     devices = jax.devices()
     report = Report(
         f"{len(devices)}× {devices[0].device_kind} ({backend})", str(model), jdtype.name
     )
     rows = report.rows
-    rows.append(Row("load", ours["load"], theirs.get("load"), "s",
+    rows.append(Row("load", ours.load, theirs and theirs.load, "s",
                     "ours: read + place on devices; excludes imports"))  # fmt: skip
-    rows.append(Row("compile all shapes (warm-up)", ours["warmup"], None, "s",
+    rows.append(Row("compile all shapes (warm-up)", ours.warmup, None, "s",
                     "once per process; cached on disk across restarts"))  # fmt: skip
-    for key in ours:
-        if key.startswith("prefill"):
-            rows.append(Row(key + " tokens", ours[key], theirs.get(key), "tok/s"))
-    floor_ms = decode_bytes(ckpt.config, jdtype.itemsize) / bandwidth * 1000
-    rows.append(Row("read bandwidth", bandwidth / 1e9, None, "GB/s", "jnp.sum of a 1 GiB array"))
+    for n in (n for n in prefill_lengths if n <= ours.runner.max_len):
+        prompt = _prompt(config.vocab_size, n)
+        cases = {"ours": ours.prefill(prompt), "theirs": theirs and theirs.prefill(prompt)}
+        t = measure(f"prefill {n}", cases, repeats)
+        theirs_rate = n / t["theirs"] if "theirs" in t else None
+        rows.append(Row(f"prefill {n} tokens", n / t["ours"], theirs_rate, "tok/s"))
+
+    bytes_per_step = decode_bytes(config, jdtype.itemsize)
+    decode: dict[int, dict[str, float]] = {}
+    for b in batches:
+        cases = {"ours": ours.decode(b), "theirs": theirs and theirs.decode(b), "read": probe}
+        decode[b] = measure(f"decode batch {b}", cases, repeats * 4)
+    # The floor takes the bandwidth read beside batch 1's steps: a decode step streams every
+    # weight once, and at batch 1 nothing else is read in bulk.
+    bandwidth = probe.nbytes / decode[batches[0]]["read"]
+    floor_ms = bytes_per_step / bandwidth * 1000
+    rows.append(Row("read bandwidth", bandwidth / 1e9, None, "GB/s",
+                    "jnp.sum of a 1 GiB array, in turn with the decode steps"))  # fmt: skip
     rows.append(Row("decode floor: param bytes ÷ bandwidth", floor_ms, None, "ms"))
-    for key in ours:
-        if key.startswith("decode"):
-            b = int(key.split()[1])
-            note = f"{ours[key] / floor_ms:.2f}× floor; {ours[key] / b:.1f} ms/token"
-            if b != batches[0]:
-                note += f"; {ours[key] / ours[f'decode {batches[0]}']:.2f}× batch {batches[0]}"
-            rows.append(Row(f"decode batch {b}, per step", ours[key], theirs.get(key), "ms", note))
+    first = decode[batches[0]]["ours"]
+    for b, t in decode.items():
+        ms = t["ours"] * 1000
+        note = f"{ms / floor_ms:.2f}× floor; {ms / b:.1f} ms/token"
+        if b != batches[0]:
+            note += f"; {t['ours'] / first:.2f}× batch {batches[0]}"
+        theirs_ms = t["theirs"] * 1000 if "theirs" in t else None
+        rows.append(Row(f"decode batch {b}, per step", ms, theirs_ms, "ms", note))
     return report

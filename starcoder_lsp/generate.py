@@ -3,8 +3,8 @@
 One jitted step serves both prefill and decode: it attends over a row's cached keys and
 values plus its new tokens, writes the new keys and values into the slot cache in place (the
 cache buffer is donated), and samples the next token from the last position. Shapes are
-static and few — prefill chunk sizes, decode batch sizes, and attention spans rounded up to
-a bucket — so after `warmup()` no request compiles anything.
+static and few — prefill chunk sizes and decode batch sizes; attention loops over as much
+of the cache as is filled, a traced count — so after `warmup()` no request compiles anything.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from starcoder_lsp.model import GPTBigCode, PastKV
 # padded, by less than the smallest size; bigger chunks would only add compiled shapes.
 DEFAULT_CHUNKS = (16, 64, 256)
 DEFAULT_BATCHES = (1, 2, 4, 8)
-MIN_SPAN = 512
 
 
 # --- sampling --------------------------------------------------------------------------
@@ -83,7 +82,7 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
 # --- the compiled step -----------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("model", "span", "every_slot"))
+@partial(jax.jit, static_argnames=("model", "every_slot"))
 def _forward(
     model: GPTBigCode,
     params: dict,
@@ -93,26 +92,15 @@ def _forward(
     valid: jax.Array,
     slots: jax.Array,
     order: jax.Array,
-    span: int,
     every_slot: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Run `tokens` (at `positions`, rows in cache `slots`) against the cached rows.
 
-    Row b has positions[b, 0] tokens cached before this call; only the first `span`
-    positions of the cache are read. Returns (logits of each row's last token, in the row
-    order `order`; new_kv). every_slot: row i is slot i for every slot of the cache, so the
-    cache is read as it lies instead of row by row.
+    Row b has positions[b, 0] tokens cached before this call. Returns (logits of each row's
+    last token, in the row order `order`; new_kv). every_slot: row i is slot i for every
+    slot of the cache, so the cache is read block by block across all slots at once.
     """
-    if every_slot:
-        rows = cache[:, :, :, :span]
-    else:
-        # One dynamic slice per row: a gather over slot indices runs element by element on
-        # CPU (90 ms for 8 rows of tiny_starcoder_py, against 10 ms for the slices).
-        size = (*cache.shape[:2], 1, span, *cache.shape[4:])
-        rows = jnp.concatenate(
-            [jax.lax.dynamic_slice(cache, (0, 0, slot, 0, 0, 0), size) for slot in slots], axis=2
-        )
-    past = PastKV(rows, positions[:, 0])
+    past = PastKV(cache, positions[:, 0], None if every_slot else slots)
     logits, new_kv = model.apply({"params": params}, tokens, positions, valid, past, last_only=True)
     return logits[order], new_kv
 
@@ -184,14 +172,6 @@ class Runner:
         self.chunks = tuple(sorted(chunks))
         self.slots = slots or max(batches)
         self.batches = tuple(sorted(b for b in batches if b < self.slots)) + (self.slots,)
-        # Attention spans double from MIN_SPAN to max_len: a short prompt does not pay for
-        # reading the whole cache at every decode step.
-        spans, span = [], min(MIN_SPAN, self.max_len)
-        while span < self.max_len:
-            spans.append(span)
-            span *= 2
-        # Span 0: a prompt's first chunk reads no cache at all.
-        self.spans = (0, *spans, self.max_len)
         self._replicated = sharding.replicated(mesh)
         c = config
         shape = (c.n_layer, 2, self.slots, self.max_len, c.kv_heads, c.head_dim)
@@ -225,8 +205,6 @@ class Runner:
         slots: np.ndarray,
         order: np.ndarray | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        # The span covers what is cached before these tokens; they attend to each other apart.
-        span = _bucket(self.spans, int(positions[:, 0].max()))
         every_slot = order is not None
         if order is None:
             order = np.arange(len(slots), dtype=np.int32)
@@ -234,7 +212,7 @@ class Runner:
             self._put, (tokens, positions, valid, slots, order)
         )
         logits, new_kv = _forward(self.model, self.params, cache, tokens, positions, valid,
-                                  slots, order, span, every_slot)  # fmt: skip
+                                  slots, order, every_slot)  # fmt: skip
         return logits, _write(cache, new_kv, positions, valid, slots)
 
     def sample(self, logits: jax.Array, sampling: Sampling, key: jax.Array) -> np.ndarray:
@@ -310,28 +288,22 @@ class Runner:
 
     # -- compilation ------------------------------------------------------------------------
 
-    def shapes(self) -> list[tuple[str, int, int]]:
-        """Every (kind, size, span) the model step is compiled for: the spans a start position
-        can fall into with `size` tokens still fitting in the cache. Decoding follows a
-        prefill, so it never runs with nothing cached."""
-        reachable = lambda length, i: i == 0 or self.spans[i - 1] + length < self.max_len
-        prefill = [("prefill", c, s) for c in self.chunks
-                   for i, s in enumerate(self.spans) if reachable(c, i)]  # fmt: skip
-        decode = [("decode", b, s) for b in self.batches
-                  for i, s in enumerate(self.spans) if i and reachable(1, i)]  # fmt: skip
-        return prefill + decode
+    def shapes(self) -> list[tuple[str, int]]:
+        """Every (kind, size) the model step is compiled for: a prefill chunk of `size`
+        tokens, or a decode step of `size` rows. How much of the cache is read is not a
+        shape: attention loops over the filled part of it."""
+        return [("prefill", c) for c in self.chunks] + [("decode", b) for b in self.batches]
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> jax.Array:
         """Compile every shape (each run once, writing nothing). Returns a fresh cache."""
         cache = self.new_cache()
         key, _ = _split_key(jax.random.PRNGKey(0))  # the key handling compiles too
         shapes = self.shapes()
-        for i, (kind, size, span) in enumerate(shapes):
+        for i, (kind, size) in enumerate(shapes):
             if progress:
-                progress(i, len(shapes), f"compiling {kind} {size}×{span}")
+                progress(i, len(shapes), f"compiling {kind} {size}")
             tokens = np.zeros((size, 1) if kind == "decode" else (1, size), np.int32)
-            start = min(span, self.max_len - tokens.shape[1])
-            positions = start + np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+            positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
             batch = tokens.shape[0]
             slots, order = np.zeros(batch, np.int32), None
             if batch == self.slots:  # decode's every-slot step

@@ -2,8 +2,9 @@
 
 The forward pass is a pure function of token ids, their absolute positions and the keys and
 values already computed for earlier positions of each row. It returns logits and the keys and
-values of the new tokens; where those are stored (the slot cache) is generate.py's business,
-so this module knows nothing of slots, buckets or requests.
+values of the new tokens; where those are stored (the slot cache) is generate.py's business:
+this module reads the rows of whatever cache it is handed (PastKV) and knows nothing of
+slots or requests.
 
 Layers are unrolled, each with its own arrays (h_0, h_1, ...). A stacked parameter tree run
 with `scan` compiles faster, but XLA on CPU then copies each layer's weights out of the stack
@@ -21,7 +22,7 @@ can be split across devices while the single MQA key/value head is replicated.
 
 from __future__ import annotations
 
-import functools
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -35,13 +36,16 @@ MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class PastKV(NamedTuple):
-    """Keys and values of earlier positions, per layer: [layers, 2, batch, time, kv_heads, hd].
+    """Keys and values of earlier positions, per layer: kv [layers, 2, rows, time, kv_heads, hd].
 
-    Only positions below `length[b]` of row b are attended to; what lies beyond is ignored.
+    Batch row b reads kv row `row[b]` (row None: kv row b, and kv holds exactly the batch's
+    rows), positions below `length[b]` only: what lies beyond is ignored. The cache of a
+    server is passed whole this way, so that attention reads the blocks it needs in place.
     """
 
     kv: jax.Array
     length: jax.Array  # int32 [batch]
+    row: jax.Array | None = None  # int32 [batch]
 
 
 def empty_past(config: ModelConfig, batch: int, dtype: jnp.dtype) -> PastKV:
@@ -101,49 +105,103 @@ def _scores(q: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.einsum("bkqd,btkd->bkqt", q, keys, preferred_element_type=jnp.float32)
 
 
+# Cached positions per step of attention's loop over the cache. A block's scores for a
+# 256-token chunk of tiny_starcoder_py (3,072 query rows, 3 MB) stay in a CPU's L3 cache.
+# Prefilling 1,024 and 4,096 tokens ran 3-5% faster than with blocks of 512 and 6-10% faster
+# than with 1,024, measured in turn in one process; decoding was the same with 256 or 512.
+PAST_BLOCK = 256
+
+
+def _weighted(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """float32 [b, kv, rows, hd]: weights [b, kv, rows, t] times values [b, t, kv, hd]."""
+    weights = weights.astype(values.dtype)
+    return jnp.einsum("bkqt,btkd->bkqd", weights, values, preferred_element_type=jnp.float32)
+
+
+def _past_block(past: PastKV, layer: int, start: jax.Array, size: int) -> jax.Array:
+    """[2, b, size, kv_heads, hd]: one layer's cached positions start.. of each batch row."""
+    kv = past.kv
+    if past.row is None:
+        return jax.lax.dynamic_slice_in_dim(kv[layer], start, size, axis=2)
+    # One dynamic slice per row: a gather over row indices runs element by element on CPU
+    # (90 ms for 8 rows of tiny_starcoder_py, against 10 ms for the slices).
+    size_ = (1, 2, 1, size, *kv.shape[4:])
+    return jnp.concatenate(
+        [jax.lax.dynamic_slice(kv, (layer, 0, r, start, 0, 0), size_)[0] for r in past.row],
+        axis=1,
+    )
+
+
 def attend(
     q: jax.Array,
-    past: tuple[jax.Array, jax.Array],
-    past_visible: jax.Array,
     new: tuple[jax.Array, jax.Array],
     new_visible: jax.Array,
+    past: PastKV,
+    layer: int,
+    block: int,
 ) -> jax.Array:
-    """Softmax attention over cached keys and the new tokens' keys, without joining them.
+    """Softmax attention over the new tokens' keys, then over the cached keys block by block.
 
-    q: [b, kv, seq·group, hd], already scaled; past, new: (keys, values) [b, t, kv, hd];
-    past_visible: bool [b, 1, t_past]; new_visible: bool [b, seq, seq]. Returns float32
-    [b, kv, seq·group, hd]. The cache is read in place: concatenating it with the new keys
-    would copy all of it at every step. Normalising the output rather than the
-    probabilities saves a pass over [rows, t].
+    q: [b, kv, seq·group, hd], already scaled; new: (keys, values) [b, seq, kv, hd];
+    new_visible: bool [b, seq, seq]. Returns float32 [b, kv, seq·group, hd].
+
+    The loop over the cache keeps a running maximum, sum and output (online softmax) and
+    runs for as many blocks as the longest row has cached. The count is traced, so one
+    compiled program serves every cache length, a short row reads only what it uses, and
+    scores exist for one block at a time: over all 4,096 keys at once they outgrew the L3
+    cache, and 20 layers of a 256-token chunk took 1.49 s against 0.80 s in blocks of 512
+    (and padding the cache to a power-of-two span wasted up to half the work besides).
+    The blocks are read where they lie; the cache is never copied or joined to the new keys.
     """
     b, kv, rows, _ = q.shape
     seq = new_visible.shape[1]
-    split = lambda s: s.reshape(b, kv, seq, rows // seq, s.shape[-1])
+    scores = _scores(q, new[0]).reshape(b, kv, seq, rows // seq, seq)
+    scores = jnp.where(new_visible[:, None, :, None, :], scores, MASKED).reshape(b, kv, rows, seq)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - top)
+    state = (top, jnp.sum(weights, axis=-1, keepdims=True), _weighted(weights, new[1]))
 
-    def masked(scores: jax.Array, visible: jax.Array) -> jax.Array:
-        return jnp.where(visible[:, None, :, None, :], split(scores), MASKED)
+    time = past.kv.shape[3]
+    if time:
+        size = min(block, time)
 
-    parts = [(masked(_scores(q, new[0]), new_visible), new[1])]
-    if past[0].shape[1]:
-        parts.append((masked(_scores(q, past[0]), past_visible), past[1]))
-    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s, _ in parts])
-    out, total = 0.0, 0.0
-    for scores, values in parts:
-        weights = jnp.exp(scores - top)
-        total = total + jnp.sum(weights, axis=-1)
-        weights = weights.reshape(b, kv, rows, -1).astype(values.dtype)
-        out = out + jnp.einsum("bkqt,btkd->bkqd", weights, values,
-                               preferred_element_type=jnp.float32)  # fmt: skip
-    return out / total.reshape(b, kv, rows, 1)
+        def step(masked: bool, i: jax.Array, state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            top, total, out = state
+            # A last block that would run past the cache is moved back inside it; the
+            # positions it then repeats were counted by the block before.
+            first = i * size
+            start = jnp.minimum(first, time - size)
+            keys, values = _past_block(past, layer, start, size)
+            scores = _scores(q, keys)
+            if masked:
+                at = start + jnp.arange(size)
+                visible = (at >= first)[None] & (at[None] < past.length[:, None])
+                scores = jnp.where(visible[:, None, None], scores, MASKED)
+            new_top = jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True))
+            weights = jnp.exp(scores - new_top)
+            rescale = jnp.exp(top - new_top)
+            total = total * rescale + jnp.sum(weights, axis=-1, keepdims=True)
+            return new_top, total, out * rescale + _weighted(weights, values)
+
+        # Blocks that every row has cached whole need no mask (it was a tenth of the loop).
+        whole = jnp.min(past.length) // size
+        blocks = (jnp.max(past.length) + size - 1) // size
+        state = jax.lax.fori_loop(0, whole, partial(step, False), state)
+        state = jax.lax.fori_loop(whole, blocks, partial(step, True), state)
+    _, total, out = state
+    # Normalising the output rather than the probabilities saves a pass over the scores.
+    return out / total
 
 
 class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
+    layer: int
+    block: int
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, masks: tuple[jax.Array, jax.Array], past_kv: jax.Array
+        self, x: jax.Array, new_visible: jax.Array, past: PastKV
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         batch, seq, _ = x.shape
@@ -153,29 +211,22 @@ class Attention(nn.Module):
 
         q = dense(heads * hd, "q_proj")(x).reshape(batch, seq, kv_heads, group, hd)
         kv = dense(2 * kv_heads * hd, "kv_proj")(x).reshape(batch, seq, 2, kv_heads, hd)
-        new_kv = kv.transpose(2, 0, 1, 3, 4).astype(past_kv.dtype)  # [2, b, s, kv_heads, hd]
+        new_kv = kv.transpose(2, 0, 1, 3, 4).astype(past.kv.dtype)  # [2, b, s, kv_heads, hd]
 
         scale = hd**-0.5 if cfg.scale_attn_weights else 1.0
         q = q * jnp.asarray(scale, q.dtype)
         # Queries of all heads sharing a key/value head form one matrix: with MQA the scores
         # of a row are a single [seq·heads, hd] × [hd, time] product.
         q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, seq * group, hd)
-        past_visible, new_visible = masks
-        out = attend(q, (past_kv[0], past_kv[1]), past_visible, (new_kv[0], new_kv[1]),
-                     new_visible).astype(self.dtype)  # fmt: skip
-        out = out.reshape(batch, kv_heads, seq, group, hd).transpose(0, 2, 1, 3, 4)
-        out = dense(cfg.n_embd, "c_proj")(out.reshape(batch, seq, heads * hd))
-        return out, new_kv
+        out = attend(q, (new_kv[0], new_kv[1]), new_visible, past, self.layer, self.block)
+        out = out.astype(self.dtype).reshape(batch, kv_heads, seq, group, hd)
+        out = out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads * hd)
+        return dense(cfg.n_embd, "c_proj")(out), new_kv
 
 
-def attention_masks(
-    positions: jax.Array, valid: jax.Array, past: PastKV
-) -> tuple[jax.Array, jax.Array]:
-    """Which keys each new token sees: cached keys below the row's length (bool [b, 1, past]),
-    and new keys that are valid and not after the query (bool [b, s, s])."""
-    cached = jnp.arange(past.kv.shape[3])[None, None, :] < past.length[:, None, None]
-    new = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
-    return cached, new
+def new_token_mask(positions: jax.Array, valid: jax.Array) -> jax.Array:
+    """bool [b, s, s]: which new keys each new token sees (valid, and not after it)."""
+    return (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
 
 
 class MLP(nn.Module):
@@ -193,21 +244,19 @@ class MLP(nn.Module):
 class Block(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
+    layer: int
+    block: int
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        masks: tuple[jax.Array, jax.Array],
-        past_kv: jax.Array,
+        self, x: jax.Array, new_visible: jax.Array, past: PastKV
     ) -> tuple[jax.Array, jax.Array]:
         eps = self.config.layer_norm_epsilon
         norm = lambda name: nn.LayerNorm(
             epsilon=eps, dtype=self.dtype, param_dtype=self.dtype, name=name
         )
-        attn_out, new_kv = Attention(self.config, self.dtype, name="attn")(
-            norm("ln_1")(x), masks, past_kv
-        )
+        attention = Attention(self.config, self.dtype, self.layer, self.block, name="attn")
+        attn_out, new_kv = attention(norm("ln_1")(x), new_visible, past)
         x = x + attn_out
         x = x + MLP(self.config, self.dtype, name="mlp")(norm("ln_2")(x))
         return x, new_kv
@@ -222,10 +271,12 @@ class GPTBigCode(nn.Module):
     last_only: logits [b, vocab] of each row's last valid token only. A prefill chunk needs no
     more, and the LM head over every position of a 512-token chunk would cost a third as much
     again as the rest of the model.
+    past_block: how many cached positions attention reads per step of its loop.
     """
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    past_block: int = PAST_BLOCK
 
     @nn.compact
     def __call__(
@@ -243,10 +294,12 @@ class GPTBigCode(nn.Module):
         wte = embed(cfg.vocab_size, "wte")
         x = wte(tokens) + embed(cfg.n_positions, "wpe")(positions)
 
-        masks = attention_masks(positions, valid, past)
+        new_visible = new_token_mask(positions, valid)
         new_kv = []
         for i in range(cfg.n_layer):
-            x, kv = Block(cfg, self.dtype, name=f"h_{i}")(x, masks, past.kv[i])
+            # The whole cache goes to every layer: slicing a layer out of it here would copy it.
+            block = Block(cfg, self.dtype, i, self.past_block, name=f"h_{i}")
+            x, kv = block(x, new_visible, past)
             new_kv.append(kv)
         if last_only:
             last = x.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)

@@ -103,6 +103,24 @@ def test_cached_keys_beyond_the_row_length_are_ignored(pair):
     assert np.abs(np.asarray(logits) - expected).max() <= TOL
 
 
+def test_cache_read_block_by_block_from_another_row(pair):
+    """Attention reads the cache in blocks: 37 cached positions in blocks of 16 are three
+    blocks, the last moved back inside a 40-position cache, and the batch row reads kv row 2
+    of 3, whose neighbours and tail are junk."""
+    model, variables, reference, _ = pair
+    blocked = GPTBigCode(model.config, model.dtype, past_block=16)
+    tokens = np.random.default_rng(5).integers(0, model.config.vocab_size, (1, 40))
+    _, kv = _ours(blocked, variables, tokens[:, :37], np.arange(37)[None], np.ones((1, 37), bool))
+    rows = jnp.full((*kv.shape[:2], 3, 40, *kv.shape[4:]), 5.0, kv.dtype)
+    rows = rows.at[:, :, 2, :37].set(kv[:, :, 0])
+    past = PastKV(rows, jnp.array([37], jnp.int32), jnp.array([2], jnp.int32))
+    logits, _ = _ours(
+        blocked, variables, tokens[:, 37:], np.arange(37, 40)[None], np.ones((1, 3), bool), past
+    )
+    expected = _hf_logits(reference, tokens)[:, 37:]
+    assert np.abs(np.asarray(logits) - expected).max() <= TOL
+
+
 def test_greedy_generation_matches_transformers_generate(pair):
     model, variables, reference, directory = pair
     generator = Generator.from_pretrained(directory, dtype=jnp.float32, chunks=(8, 32))
