@@ -100,7 +100,3 @@ def param_shardings(abstract_params: dict, mesh: Mesh) -> dict:
 
 def cache_sharding(mesh: Mesh, rows: int) -> NamedSharding:
     return NamedSharding(mesh, CACHE_SPEC if rows % mesh.shape[DATA] == 0 else P())
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
