@@ -199,8 +199,8 @@ def run(
     compare: bool = True,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> Report:
-    """Each row's cases (ours, transformers, and for decode the bandwidth read) are measured
-    in turn, round by round, so that they share the machine's mood."""
+    """Each row's cases (ours, transformers, and for batch-1 decode the bandwidth read) are
+    measured in turn, round by round, so that they share the machine's mood."""
     backend = jax.default_backend()
     jdtype = jnp.dtype(dtype or ("float32" if backend == "cpu" else "bfloat16"))
     ours = _Ours(model, mesh, jdtype, batches, log)
@@ -214,10 +214,11 @@ def run(
         theirs = _Transformers(str(ours.checkpoint.path), os.cpu_count() or 1)
     probe = _BandwidthProbe()
 
-    def measure(label: str, cases: dict[str, Callable[[], None]], rounds: int) -> dict:
-        if theirs is None:
-            cases.pop("theirs", None)
-        seconds = _alternating(cases, rounds)
+    def measure(label: str, make: Callable[[_Ours | _Transformers], Callable[[], None]],
+                rounds: int, **extra: Callable[[], None]) -> dict[str, float]:  # fmt: skip
+        sides = {"ours": ours, "theirs": theirs}
+        cases = {name: make(side) for name, side in sides.items() if side is not None}
+        seconds = _alternating(cases | extra, rounds)
         log(f"{label}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()))
         return seconds
 
@@ -232,22 +233,22 @@ def run(
                     "once per process; cached on disk across restarts"))  # fmt: skip
     for n in (n for n in prefill_lengths if n <= ours.runner.max_len):
         prompt = _prompt(config.vocab_size, n)
-        cases = {"ours": ours.prefill(prompt), "theirs": theirs and theirs.prefill(prompt)}
-        t = measure(f"prefill {n}", cases, repeats)
+        t = measure(f"prefill {n}", lambda side, p=prompt: side.prefill(p), repeats)
         theirs_rate = n / t["theirs"] if "theirs" in t else None
         rows.append(Row(f"prefill {n} tokens", n / t["ours"], theirs_rate, "tok/s"))
 
     bytes_per_step = decode_bytes(config, jdtype.itemsize)
     decode: dict[int, dict[str, float]] = {}
     for b in batches:
-        cases = {"ours": ours.decode(b), "theirs": theirs and theirs.decode(b), "read": probe}
-        decode[b] = measure(f"decode batch {b}", cases, repeats * 4)
-    # The floor takes the bandwidth read beside batch 1's steps: a decode step streams every
-    # weight once, and at batch 1 nothing else is read in bulk.
+        # The floor takes the bandwidth read beside batch 1's steps: a decode step streams
+        # every weight once, and at batch 1 nothing else is read in bulk.
+        extra = {"read": probe} if b == batches[0] else {}
+        make = lambda side, b=b: side.decode(b)
+        decode[b] = measure(f"decode batch {b}", make, repeats * 4, **extra)
     bandwidth = probe.nbytes / decode[batches[0]]["read"]
     floor_ms = bytes_per_step / bandwidth * 1000
     rows.append(Row("read bandwidth", bandwidth / 1e9, None, "GB/s",
-                    "jnp.sum of a 1 GiB array, in turn with the decode steps"))  # fmt: skip
+                    "jnp.sum of a 1 GiB array, in turn with the batch-1 decode steps"))  # fmt: skip
     rows.append(Row("decode floor: param bytes ÷ bandwidth", floor_ms, None, "ms"))
     first = decode[batches[0]]["ours"]
     for b, t in decode.items():

@@ -121,15 +121,16 @@ def _weighted(weights: jax.Array, values: jax.Array) -> jax.Array:
 def _past_block(past: PastKV, layer: int, start: jax.Array, size: int) -> jax.Array:
     """[2, b, size, kv_heads, hd]: one layer's cached positions start.. of each batch row."""
     kv = past.kv
+
+    def rows_from(first: jax.Array | int, count: int) -> jax.Array:
+        shape = (1, 2, count, size, *kv.shape[4:])
+        return jax.lax.dynamic_slice(kv, (layer, 0, first, start, 0, 0), shape)[0]
+
     if past.row is None:
-        return jax.lax.dynamic_slice_in_dim(kv[layer], start, size, axis=2)
+        return rows_from(0, kv.shape[2])
     # One dynamic slice per row: a gather over row indices runs element by element on CPU
     # (90 ms for 8 rows of tiny_starcoder_py, against 10 ms for the slices).
-    size_ = (1, 2, 1, size, *kv.shape[4:])
-    return jnp.concatenate(
-        [jax.lax.dynamic_slice(kv, (layer, 0, r, start, 0, 0), size_)[0] for r in past.row],
-        axis=1,
-    )
+    return jnp.concatenate([rows_from(r, 1) for r in past.row], axis=1)
 
 
 def attend(
