@@ -167,7 +167,7 @@ class Runner:
         batches: Sequence[int] = DEFAULT_BATCHES,
     ) -> None:
         self.config, self.params, self.mesh, self.dtype = config, params, mesh, jnp.dtype(dtype)
-        self.model = GPTBigCode(config, self.dtype)
+        self.model = GPTBigCode(config, self.dtype, mesh=mesh)
         self.max_len = min(max_len or config.n_positions, config.n_positions)
         self.chunks = tuple(sorted(chunks))
         self.slots = slots or max(batches)

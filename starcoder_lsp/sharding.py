@@ -34,7 +34,8 @@ PARAM_RULES: list[tuple[str, PartitionSpec]] = [
     (r".*", P()),  # positions, layer norms, the key/value projection, output biases
 ]
 
-# Key/value cache [layers, 2, rows, time, kv_heads, head_dim]: rows split across dp.
+# Key/value cache [layers, 2, rows, time, kv_heads, head_dim]: rows split across dp. Each dp
+# device reads only its own rows (model._on_row_owners), so the cache never moves.
 CACHE_SPEC = P(None, None, DATA)
 BATCH_SPEC = P(DATA)
 
@@ -98,5 +99,11 @@ def param_shardings(abstract_params: dict, mesh: Mesh) -> dict:
     )
 
 
+def splits_cache_rows(mesh: Mesh, rows: int) -> bool:
+    """Whether a cache of `rows` rows is split across dp (it is replicated where they do not
+    divide evenly, or where dp is 1)."""
+    return mesh.shape[DATA] > 1 and rows % mesh.shape[DATA] == 0
+
+
 def cache_sharding(mesh: Mesh, rows: int) -> NamedSharding:
-    return NamedSharding(mesh, CACHE_SPEC if rows % mesh.shape[DATA] == 0 else P())
+    return NamedSharding(mesh, CACHE_SPEC if splits_cache_rows(mesh, rows) else P())

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from starcoder_lsp import checkpoint, sharding
-from starcoder_lsp.generate import Generator, Runner, Sampling, compilations, sample
+from starcoder_lsp.generate import Generator, Runner, Sampling, _forward, compilations, sample
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -250,6 +253,62 @@ def test_same_greedy_output_on_every_mesh(tiny_mqa_dir):
     assert outputs["1x8"] == outputs["1x1"]
     assert outputs["2x4"] == outputs["1x1"]
     assert outputs["8x1"] == outputs["1x1"]
+
+
+def _prefill_then_decode_some_rows(directory, mesh_shape: str) -> tuple[Runner, list[np.ndarray]]:
+    """Eight rows of different lengths, then decode steps for rows held by different dp
+    devices (a batch below the slot count: rows pick their cache rows by index)."""
+    ckpt = checkpoint.load(directory, sharding.make_mesh(mesh_shape), jnp.float32)
+    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, max_len=128, slots=8,
+                    chunks=(8, 32), batches=(1, 4, 8))  # fmt: skip
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(5, 500, n).tolist() for n in (37, 5, 70, 22, 51, 3, 40, 9)]
+    cache, logits = runner.new_cache(), []
+    for slot, prompt in enumerate(prompts):
+        last, cache, _ = runner.prefill(cache, slot, prompt, 0)
+        logits.append(np.asarray(last))
+    for slots in ([6, 1, 3], [5]):
+        last, cache = runner.decode(cache, slots, [11] * len(slots),
+                                    [len(prompts[s]) for s in slots])  # fmt: skip
+        logits.append(np.asarray(last)[: len(slots)])
+    return runner, logits
+
+
+def test_rows_read_by_index_agree_on_every_mesh(tiny_mqa_dir):
+    _, expected = _prefill_then_decode_some_rows(tiny_mqa_dir, "1x1")
+    for shape in ("2x4", "8x1"):
+        _, got = _prefill_then_decode_some_rows(tiny_mqa_dir, shape)
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=shape)
+
+
+COLLECTIVE = re.compile(r"= .* (all-gather|all-reduce|all-to-all|collective-permute)(-start)?\(")
+
+
+def _collective_sizes(hlo: str) -> list[int]:
+    """Element counts of the arrays each cross-device collective in compiled HLO produces."""
+    sizes = []
+    for line in hlo.splitlines():
+        if COLLECTIVE.search(line):
+            result = line.split("=", 1)[1].split(")")[0]
+            sizes += [math.prod(map(int, d.split(",")) if d else [1])
+                      for d in re.findall(r"\w+\[([\d,]*)\]", result)]  # fmt: skip
+    return sizes
+
+
+def test_each_device_reads_only_its_own_cache_rows(tiny_mqa_dir):
+    """Rows split across dp stay where they are: no collective moves a device's share of the
+    cache (the partitioner used to gather the whole cache for every loop over it)."""
+    for shape in ("2x4", "8x1"):
+        runner, _ = _prefill_then_decode_some_rows(tiny_mqa_dir, shape)
+        cache = runner.new_cache()
+        share = cache.size // runner.mesh.shape[sharding.DATA]
+        for batch, length in ((1, 32), (4, 1)):  # a prefill chunk; decoding some rows
+            args = [np.zeros((batch, length), np.int32), np.full((batch, length), 40, np.int32),
+                    np.ones((batch, length), bool), np.arange(batch, dtype=np.int32),
+                    np.arange(batch, dtype=np.int32)]  # fmt: skip
+            hlo = _forward.lower(runner.model, runner.params, cache, *args).compile().as_text()
+            assert max(_collective_sizes(hlo), default=0) < share, (shape, batch)
 
 
 def test_shard_moves_params_to_a_new_mesh(tiny_mqa_dir):
