@@ -236,10 +236,10 @@ def _on_row_owners(read: callable, mesh: Mesh) -> callable:
         state = read(q, here, state)
         return tuple(jax.lax.psum(jnp.where(keep, s, 0), sharding.DATA) for s in state)
 
-    every = sharding.P()
-    past_spec = PastKV(sharding.CACHE_SPEC, every, every)
+    replicated = sharding.P()
+    past_spec = PastKV(sharding.CACHE_SPEC, replicated, replicated)
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(every, past_spec, every), out_specs=every,
+        local, mesh=mesh, in_specs=(replicated, past_spec, replicated), out_specs=replicated,
         axis_names={sharding.DATA}, check_vma=False,
     )  # fmt: skip
 
