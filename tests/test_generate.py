@@ -255,12 +255,15 @@ def test_same_greedy_output_on_every_mesh(tiny_mqa_dir):
     assert outputs["8x1"] == outputs["1x1"]
 
 
-def _prefill_then_decode_some_rows(directory, mesh_shape: str) -> tuple[Runner, list[np.ndarray]]:
+def _runner_on(directory, mesh_shape: str) -> Runner:
+    ckpt = checkpoint.load(directory, sharding.make_mesh(mesh_shape), jnp.float32)
+    return Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, max_len=128, slots=8,
+                  chunks=(8, 32), batches=(1, 4, 8))  # fmt: skip
+
+
+def _prefill_then_decode_some_rows(runner: Runner) -> list[np.ndarray]:
     """Eight rows of different lengths, then decode steps for rows held by different dp
     devices (a batch below the slot count: rows pick their cache rows by index)."""
-    ckpt = checkpoint.load(directory, sharding.make_mesh(mesh_shape), jnp.float32)
-    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, max_len=128, slots=8,
-                    chunks=(8, 32), batches=(1, 4, 8))  # fmt: skip
     rng = np.random.default_rng(3)
     prompts = [rng.integers(5, 500, n).tolist() for n in (37, 5, 70, 22, 51, 3, 40, 9)]
     cache, logits = runner.new_cache(), []
@@ -271,13 +274,13 @@ def _prefill_then_decode_some_rows(directory, mesh_shape: str) -> tuple[Runner, 
         last, cache = runner.decode(cache, slots, [11] * len(slots),
                                     [len(prompts[s]) for s in slots])  # fmt: skip
         logits.append(np.asarray(last)[: len(slots)])
-    return runner, logits
+    return logits
 
 
 def test_rows_read_by_index_agree_on_every_mesh(tiny_mqa_dir):
-    _, expected = _prefill_then_decode_some_rows(tiny_mqa_dir, "1x1")
+    expected = _prefill_then_decode_some_rows(_runner_on(tiny_mqa_dir, "1x1"))
     for shape in ("2x4", "8x1"):
-        _, got = _prefill_then_decode_some_rows(tiny_mqa_dir, shape)
+        got = _prefill_then_decode_some_rows(_runner_on(tiny_mqa_dir, shape))
         for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, err_msg=shape)
 
@@ -300,7 +303,7 @@ def test_each_device_reads_only_its_own_cache_rows(tiny_mqa_dir):
     """Rows split across dp stay where they are: no collective moves a device's share of the
     cache (the partitioner used to gather the whole cache for every loop over it)."""
     for shape in ("2x4", "8x1"):
-        runner, _ = _prefill_then_decode_some_rows(tiny_mqa_dir, shape)
+        runner = _runner_on(tiny_mqa_dir, shape)
         cache = runner.new_cache()
         share = cache.size // runner.mesh.shape[sharding.DATA]
         for batch, length in ((1, 32), (4, 1)):  # a prefill chunk; decoding some rows
