@@ -191,6 +191,11 @@ def _load_cached(entry: Path, vocab_size: int) -> PreTrainedTokenizerFast | None
         tokenizer = PreTrainedTokenizerFast.from_pretrained(entry)
     except Exception:  # whatever is wrong with a damaged entry, retraining fixes it
         return None
+    # from_pretrained records how it loaded (transformers 5.24: is_local, local_files_only)
+    # in init_kwargs, which save_pretrained writes out: a model's tokenizer_config.json would
+    # then differ by whether its tokenizer was just trained or came from this cache.
+    for loading_option in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(loading_option, None)
     return tokenizer if len(tokenizer) == vocab_size else None
 
 

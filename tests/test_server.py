@@ -161,15 +161,21 @@ async def _stdio_session(client, edits: list[types.ApplyWorkspaceEditParams]) ->
             text="\n    ")],
     ))  # fmt: skip
     long = _inline_params(uri, (16, 4))
+    server_stats = lambda: client.protocol.send_request_async("starcoder/stats", None)
+    requests_before = (await server_stats()).requests
     request = asyncio.ensure_future(client.protocol.send_request_async(
         types.TEXT_DOCUMENT_INLINE_COMPLETION, long, msg_id="long"))  # fmt: skip
-    await asyncio.sleep(0.05)
+    # Cancel as soon as the server has started the generation: all 400 tokens of the test
+    # model take only about 40 ms, so a fixed pause could outlast them.
+    async with asyncio.timeout(10):
+        while (await server_stats()).requests == requests_before:
+            pass
     client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="long"))
     with pytest.raises(JsonRpcException) as cancelled:
         await request
     assert cancelled.value.code == types.LSPErrorCodes.RequestCancelled
     async with asyncio.timeout(30):
-        while (await client.protocol.send_request_async("starcoder/stats", None)).cancelled < 1:
+        while (await server_stats()).cancelled < 1:
             await asyncio.sleep(0.1)
 
     # Settings: disabled answers nothing; an invalid value is reported and not applied.
