@@ -5,6 +5,10 @@ A worker thread owns the device cache. Between decode steps it admits waiting re
 prefills only the rest), then advances every active request by one token in a single batched
 step. Cancellation and supersession are checked between steps, so a stale request stops
 within one step. Callers get a `Handle` (a concurrent future) and never touch JAX.
+
+It decodes one step per call, where the Generator runs several (Runner.decode_steps): a
+completion is often a line of a few tokens, and eight steps per call would make a new
+keystroke's request wait up to eight steps to join and a finished row waste up to seven.
 """
 
 from __future__ import annotations

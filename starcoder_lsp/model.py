@@ -50,6 +50,16 @@ class PastKV(NamedTuple):
     row: jax.Array | None = None  # int32 [batch]
 
 
+class RecentKV(NamedTuple):
+    """Keys and values of tokens decoded earlier in the same compiled call, which are not in
+    the cache yet: kv [layers, 2, b, steps, kv_heads, hd], of which the first `count` are
+    filled. A multi-step decode keeps them apart because a program that reads the cache and
+    writes it too makes XLA copy the whole cache."""
+
+    kv: jax.Array
+    count: jax.Array  # int32 scalar
+
+
 def empty_past(config: ModelConfig, batch: int, dtype: jnp.dtype) -> PastKV:
     kv = jnp.zeros((config.n_layer, 2, batch, 0, config.kv_heads, config.head_dim), dtype)
     return PastKV(kv, jnp.zeros((batch,), jnp.int32))
@@ -146,8 +156,9 @@ def attend(
 ) -> jax.Array:
     """Softmax attention over the new tokens' keys, then over the cached keys block by block.
 
-    q: [b, kv, seq·group, hd], already scaled; new: (keys, values) [b, seq, kv, hd];
-    new_visible: bool [b, seq, seq]. Returns float32 [b, kv, seq·group, hd].
+    q: [b, kv, seq·group, hd], already scaled; new: (keys, values) [b, t, kv, hd] of the
+    new tokens (t = seq, or more where keys decoded earlier in the same call come first);
+    new_visible: bool [b, seq, t]. Returns float32 [b, kv, seq·group, hd].
 
     The loop over the cache keeps a running maximum, sum and output (online softmax) and
     runs for as many blocks as the longest row has cached. The count is traced, so one
@@ -160,9 +171,9 @@ def attend(
     cache row by index, each device reads its own rows (see `_on_row_owners`).
     """
     b, kv, rows, _ = q.shape
-    seq = new_visible.shape[1]
-    scores = _scores(q, new[0]).reshape(b, kv, seq, rows // seq, seq)
-    scores = jnp.where(new_visible[:, None, :, None, :], scores, MASKED).reshape(b, kv, rows, seq)
+    seq, t = new_visible.shape[1:]
+    scores = _scores(q, new[0]).reshape(b, kv, seq, rows // seq, t)
+    scores = jnp.where(new_visible[:, None, :, None, :], scores, MASKED).reshape(b, kv, rows, t)
     top = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp(scores - top)
     state = (top, jnp.sum(weights, axis=-1, keepdims=True), _weighted(weights, new[1]))
@@ -253,7 +264,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, new_visible: jax.Array, past: PastKV
+        self, x: jax.Array, new_visible: jax.Array, past: PastKV, earlier: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         batch, seq, _ = x.shape
@@ -270,8 +281,11 @@ class Attention(nn.Module):
         # Queries of all heads sharing a key/value head form one matrix: with MQA the scores
         # of a row are a single [seq·heads, hd] × [hd, time] product.
         q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, seq * group, hd)
-        out = attend(q, (new_kv[0], new_kv[1]), new_visible, past, self.layer, self.block,
-                     self.mesh)  # fmt: skip
+        keys, values = new_kv[0], new_kv[1]
+        if earlier is not None:  # this layer's RecentKV: [2, b, steps, kv_heads, hd]
+            keys = jnp.concatenate([earlier[0], keys], axis=1)
+            values = jnp.concatenate([earlier[1], values], axis=1)
+        out = attend(q, (keys, values), new_visible, past, self.layer, self.block, self.mesh)
         out = out.astype(self.dtype).reshape(batch, kv_heads, seq, group, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads * hd)
         return dense(cfg.n_embd, "c_proj")(out), new_kv
@@ -303,7 +317,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, new_visible: jax.Array, past: PastKV
+        self, x: jax.Array, new_visible: jax.Array, past: PastKV, earlier: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         eps = self.config.layer_norm_epsilon
         norm = lambda name: nn.LayerNorm(
@@ -311,7 +325,7 @@ class Block(nn.Module):
         )
         attention = Attention(self.config, self.dtype, self.layer, self.block, self.mesh,
                               name="attn")  # fmt: skip
-        attn_out, new_kv = attention(norm("ln_1")(x), new_visible, past)
+        attn_out, new_kv = attention(norm("ln_1")(x), new_visible, past, earlier)
         x = x + attn_out
         x = x + MLP(self.config, self.dtype, name="mlp")(norm("ln_2")(x))
         return x, new_kv
@@ -323,6 +337,8 @@ class GPTBigCode(nn.Module):
     tokens, positions: int32 [b, s]; valid: bool [b, s], False for padding (a padded token
     is neither attended to nor meaningful as a query); past: PastKV for the earlier positions.
     new_kv: [layers, 2, b, s, kv_heads, hd], the keys and values of these tokens.
+    recent: keys and values of tokens decoded earlier in this call (RecentKV), which every
+    new token sees besides `past`.
     last_only: logits [b, vocab] of each row's last valid token only. A prefill chunk needs no
     more, and the LM head over every position of a 512-token chunk would cost a third as much
     again as the rest of the model.
@@ -343,6 +359,7 @@ class GPTBigCode(nn.Module):
         valid: jax.Array,
         past: PastKV,
         last_only: bool = False,
+        recent: RecentKV | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         embed = lambda n, name: nn.Embed(
@@ -352,11 +369,16 @@ class GPTBigCode(nn.Module):
         x = wte(tokens) + embed(cfg.n_positions, "wpe")(positions)
 
         new_visible = new_token_mask(positions, valid)
+        if recent is not None:
+            batch, seq = tokens.shape
+            filled = jnp.arange(recent.kv.shape[3]) < recent.count
+            filled = jnp.broadcast_to(filled, (batch, seq, recent.kv.shape[3]))
+            new_visible = jnp.concatenate([filled, new_visible], axis=2)
         new_kv = []
         for i in range(cfg.n_layer):
             # The whole cache goes to every layer: slicing a layer out of it here would copy it.
             block = Block(cfg, self.dtype, i, self.past_block, self.mesh, name=f"h_{i}")
-            x, kv = block(x, new_visible, past)
+            x, kv = block(x, new_visible, past, None if recent is None else recent.kv[i])
             new_kv.append(kv)
         if last_only:
             last = x.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)

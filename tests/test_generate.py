@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from starcoder_lsp import checkpoint, sharding
-from starcoder_lsp.generate import Generator, Runner, Sampling, _forward, compilations, sample
+from starcoder_lsp.generate import (
+    Generator,
+    Runner,
+    Sampling,
+    _decode_steps,
+    _forward,
+    compilations,
+    sample,
+)  # fmt: skip
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -193,8 +201,9 @@ def test_no_compilation_after_warmup(tiny_mqa_dir):
         prompts = [
             rng.integers(20, vocab, int(rng.integers(1, 120))).tolist() for _ in range(batch)
         ]
+        # Up to 13 new tokens: some generations decode several steps per call, some one.
         generator.generate(
-            prompts, int(rng.integers(1, 6)), temperature=float(i % 2), top_p=0.9, seed=i
+            prompts, int(rng.integers(1, 14)), temperature=float(i % 2), top_p=0.9, seed=i
         )
     assert compilations() == compiled
 
@@ -233,6 +242,74 @@ def test_a_step_over_every_slot_equals_rows_run_alone(tiny_mqa_dir):
         runner.decode(cache, [1, 1, 2, 3, 4], tokens, positions)
 
 
+@pytest.mark.parametrize("slots", [[2], [3, 0], [1, 3, 0, 2]])
+def test_several_steps_per_call_equal_single_steps(tiny_mqa_dir, slots):
+    """Greedy tokens and the cache written by calls of four steps equal those of one step at a
+    time, for a row alone, rows picked by index, and every slot in shuffled order."""
+    ckpt = checkpoint.load(tiny_mqa_dir)
+    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, max_len=64, slots=4,
+                    chunks=(8, 32), batches=(1, 2, 4), steps_per_call=4)  # fmt: skip
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(20, ckpt.config.vocab_size, 9 + 6 * s).tolist() for s in range(4)]
+    greedy = Sampling.rows(0.0, batch=len(slots))
+
+    def prefilled() -> tuple[jax.Array, list[int]]:
+        cache = runner.new_cache()
+        for slot, prompt in enumerate(prompts):
+            _, cache, _ = runner.prefill(cache, slot, prompt, 0)
+        return cache, [len(prompts[s]) for s in slots]
+
+    cache, positions = prefilled()
+    tokens, one_by_one = [11, 12, 13, 14][: len(slots)], []
+    for step in range(8):
+        logits, cache = runner.decode(cache, slots, tokens, [p + step for p in positions])
+        tokens = np.asarray(runner.sample(logits, runner.pad_sampling(greedy, len(slots)),
+                                          jax.random.PRNGKey(0)))[: len(slots)]  # fmt: skip
+        one_by_one.append(tokens)
+    expected_cache = np.asarray(cache)
+
+    cache, positions = prefilled()
+    tokens, calls = [11, 12, 13, 14][: len(slots)], []
+    for call in range(2):
+        new, cache = runner.decode_steps(cache, slots, tokens, [p + 4 * call for p in positions],
+                                         greedy, jax.random.PRNGKey(0))  # fmt: skip
+        assert new.shape == (len(slots), 4)
+        calls.append(new)
+        tokens = new[:, -1]
+    assert np.concatenate(calls, axis=1).tolist() == np.stack(one_by_one, axis=1).tolist()
+    # Both wrote the keys and values of the first 8 tokens of each row (the 8th new token's
+    # are written by the next call), and nothing else.
+    np.testing.assert_allclose(np.asarray(cache), expected_cache, atol=1e-4)
+
+
+def test_several_steps_per_call_sample_reproducibly_per_row(tiny_mqa_dir):
+    ckpt = checkpoint.load(tiny_mqa_dir)
+    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, max_len=64, slots=2,
+                    chunks=(8,), batches=(2,), steps_per_call=8)  # fmt: skip
+    cache = runner.new_cache()
+    for slot in range(2):
+        _, cache, _ = runner.prefill(cache, slot, [30 + slot] * 5, 0)
+    mixed = Sampling.rows([0.0, 2.0], 1.0, 0, batch=2)
+    runs = {}
+    for seed in (0, 0, 1):
+        # Cache positions 5.. are rewritten by each call, so every call sees the same past.
+        new, cache = runner.decode_steps(cache, [0, 1], [7, 7], [5, 5], mixed,
+                                         jax.random.PRNGKey(seed))  # fmt: skip
+        runs.setdefault(seed, []).append(new.tolist())
+    all_greedy = Sampling.rows(0.0, batch=2)
+    greedy, cache = runner.decode_steps(cache, [0, 1], [7, 7], [5, 5], all_greedy,
+                                        jax.random.PRNGKey(0))  # fmt: skip
+    assert runs[0][0] == runs[0][1]  # the same seed gives the same tokens
+    assert runs[0][0][1] != runs[1][0][1]  # another seed, other tokens for the sampled row
+    assert runs[0][0][0] == runs[1][0][0] == greedy[0].tolist()  # the greedy row is greedy
+
+
+def test_runner_rejects_fewer_than_one_step_per_call(tiny_mqa_dir):
+    ckpt = checkpoint.load(tiny_mqa_dir)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, steps_per_call=0)
+
+
 # --- meshes --------------------------------------------------------------------------------
 
 
@@ -258,12 +335,13 @@ def test_same_greedy_output_on_every_mesh(tiny_mqa_dir):
 def _runner_on(directory, mesh_shape: str) -> Runner:
     ckpt = checkpoint.load(directory, sharding.make_mesh(mesh_shape), jnp.float32)
     return Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, max_len=128, slots=8,
-                  chunks=(8, 32), batches=(1, 4, 8))  # fmt: skip
+                  chunks=(8, 32), batches=(1, 4, 8), steps_per_call=4)  # fmt: skip
 
 
 def _prefill_then_decode_some_rows(runner: Runner) -> list[np.ndarray]:
     """Eight rows of different lengths, then decode steps for rows held by different dp
-    devices (a batch below the slot count: rows pick their cache rows by index)."""
+    devices (a batch below the slot count: rows pick their cache rows by index), one step
+    per call and then four."""
     rng = np.random.default_rng(3)
     prompts = [rng.integers(5, 500, n).tolist() for n in (37, 5, 70, 22, 51, 3, 40, 9)]
     cache, logits = runner.new_cache(), []
@@ -274,7 +352,11 @@ def _prefill_then_decode_some_rows(runner: Runner) -> list[np.ndarray]:
         last, cache = runner.decode(cache, slots, [11] * len(slots),
                                     [len(prompts[s]) for s in slots])  # fmt: skip
         logits.append(np.asarray(last)[: len(slots)])
-    return logits
+    greedy = Sampling.rows(0.0, batch=3)
+    new, cache = runner.decode_steps(cache, [6, 1, 3], [12] * 3,
+                                     [len(prompts[s]) + 1 for s in (6, 1, 3)], greedy,
+                                     jax.random.PRNGKey(0))  # fmt: skip
+    return [*logits, new]
 
 
 def test_rows_read_by_index_agree_on_every_mesh(tiny_mqa_dir):
@@ -312,6 +394,13 @@ def test_each_device_reads_only_its_own_cache_rows(tiny_mqa_dir):
                     np.arange(batch, dtype=np.int32)]  # fmt: skip
             hlo = _forward.lower(runner.model, runner.params, cache, *args).compile().as_text()
             assert max(_collective_sizes(hlo), default=0) < share, (shape, batch)
+        # Four decode steps in one call, for four rows.
+        rows = np.arange(4, dtype=np.int32)
+        hlo = _decode_steps.lower(
+            runner.model, runner.params, cache, rows, rows + 40, rows >= 0, rows, rows,
+            jax.random.PRNGKey(0), Sampling.rows(0.0, batch=4), 4,
+        ).compile().as_text()  # fmt: skip
+        assert max(_collective_sizes(hlo), default=0) < share, (shape, "steps")
 
 
 def test_shard_moves_params_to_a_new_mesh(tiny_mqa_dir):

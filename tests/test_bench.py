@@ -1,0 +1,31 @@
+"""The model benchmark runs end to end, ours beside transformers, on the test checkpoint.
+
+Its figures are not checked (the machines are noisy): only that every row is measured."""
+
+from __future__ import annotations
+
+import math
+
+from starcoder_lsp import bench
+from starcoder_lsp.generate import GENERATOR_STEPS_PER_CALL
+
+
+def test_bench_measures_every_row_on_both_sides(tiny_mqa_dir):
+    report = bench.run(str(tiny_mqa_dir), prefill_lengths=(16, 100), batches=(1, 2), repeats=1,
+                       log=lambda message: None)  # fmt: skip
+    rows = {row.name: row for row in report.rows}
+    expected = [
+        "load", "compile all shapes (warm-up)", "prefill 16 tokens", "prefill 100 tokens",
+        "read bandwidth", "decode floor: param bytes ÷ bandwidth", "decode batch 1, per step",
+        "decode batch 1, one step per call", "decode batch 2, per step",
+    ]  # fmt: skip
+    assert list(rows) == expected
+    for name, row in rows.items():
+        assert row.ours is not None and math.isfinite(row.ours) and row.ours > 0, name
+    compared = [n for n in expected if n.startswith(("load", "prefill", "decode batch"))]
+    for name in compared:
+        assert rows[name].theirs is not None and rows[name].theirs > 0, name
+    table = report.table()
+    assert all(f"| {name} (" in table for name in expected)
+    steps = f"{GENERATOR_STEPS_PER_CALL} steps per call"
+    assert steps in rows["decode batch 2, per step"].note
