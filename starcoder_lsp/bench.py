@@ -265,8 +265,8 @@ def run(
     for b in batches:
         # The floor takes the bandwidth read beside batch 1's steps: a decode step streams
         # every weight once, and at batch 1 nothing else is read in bulk. One step per call,
-        # the server's way, is measured beside them too.
-        extra = {"read": probe, "one step": ours.decode_one(b)} if b == batches[0] else {}
+        # the server's way, is measured beside every batch's calls.
+        extra = {"one step": ours.decode_one(b)} | ({"read": probe} if b == batches[0] else {})
         make = lambda side, b=b: side.decode(b)
         decode[b] = measure(f"decode batch {b} (ours: a call of {steps} steps)", make,
                             repeats * 4, **extra)  # fmt: skip
@@ -276,16 +276,14 @@ def run(
     rows.append(Row("read bandwidth", bandwidth / 1e9, None, "GB/s",
                     "jnp.sum of a 1 GiB array, in turn with the batch-1 decode steps"))  # fmt: skip
     rows.append(Row("decode floor: param bytes ÷ bandwidth", floor_ms, None, "ms"))
-    first = decode[batches[0]]["ours"]
-    for b, t in decode.items():
-        ms = t["ours"] * 1000
-        note = f"{ms / floor_ms:.2f}× floor; {ms / b:.1f} ms/token; {steps} steps per call"
-        if b != batches[0]:
-            note += f"; {t['ours'] / first:.2f}× batch {batches[0]}"
-        theirs_ms = t["theirs"] * 1000 if "theirs" in t else None
-        rows.append(Row(f"decode batch {b}, per step", ms, theirs_ms, "ms", note))
-        if "one step" in t:
-            one_ms = t["one step"] * 1000
-            rows.append(Row(f"decode batch {b}, one step per call", one_ms, theirs_ms, "ms",
-                            f"{one_ms / floor_ms:.2f}× floor; as the server decodes"))  # fmt: skip
+    for case, how in (("ours", f"{steps} steps per call"), ("one step", "as the server decodes")):
+        first = decode[batches[0]][case]
+        for b, t in decode.items():
+            ms = t[case] * 1000
+            note = f"{ms / floor_ms:.2f}× floor; {ms / b:.1f} ms/token; {how}"
+            if b != batches[0]:
+                note += f"; {t[case] / first:.2f}× batch {batches[0]}"
+            name = f"decode batch {b}, " + ("per step" if case == "ours" else "one step per call")
+            theirs_ms = t["theirs"] * 1000 if "theirs" in t else None
+            rows.append(Row(name, ms, theirs_ms, "ms", note))
     return report

@@ -35,7 +35,7 @@ DEFAULT_CHUNKS = (16, 64, 256)
 DEFAULT_BATCHES = (1, 2, 4, 8)
 MULTI_STEP = "multi-step decode"
 # The Generator decodes this many steps per compiled call where at least as many tokens are
-# left to generate. Eight took 10% less per step than one at batch 1 on a 2-core CPU.
+# left to generate. Eight took 6-8% less per step than one at batch 1 on a 2-core CPU.
 GENERATOR_STEPS_PER_CALL = 8
 
 
@@ -204,9 +204,10 @@ class Runner:
 
     steps_per_call > 1 also compiles `decode_steps`, which runs that many decode steps in one
     program and samples on the device: per step it saves launching the programs and waiting
-    for the host (measured: 1.22-1.24× the bandwidth floor at batch 1 with 8 steps, against
-    1.33-1.37× one step at a time). A row that stops midway wastes the rest of the call, and
-    a new request waits for the call to end, so the server decodes one step at a time.
+    for the host (measured for tiny_starcoder_py on a 2-core CPU, five runs: 1.13-1.26× the
+    bandwidth floor at batch 1 with 8 steps, against 1.20-1.37× one step at a time). A row
+    that stops midway wastes the rest of the call, and a new request waits for the call to
+    end, so the server decodes one step at a time.
     """
 
     def __init__(
@@ -549,11 +550,7 @@ class Generator:
         """Complete each prompt; rows decode together, each with its own sampling settings."""
         prompts = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         for prompt in prompts:
-            if not prompt or len(prompt) + max_new_tokens > self.runner.max_len:
-                raise ValueError(
-                    f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens does not "
-                    f"fit the context of {self.runner.max_len}"
-                )
+            self._check_fits(len(prompt), max_new_tokens)
         key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
         sampling = Sampling.rows(temperature, top_p, top_k, batch=len(prompts))
         out: list[Completion] = []
@@ -610,6 +607,15 @@ class Generator:
             text = cut_at_stop(self.decode(ids), stop)
             completions.append(Completion(row.tokens, text, row.done or "length", calls, elapsed))
         return completions
+
+    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if not prompt_tokens:
+            raise ValueError("a prompt needs at least one token")
+        if prompt_tokens + max_new_tokens > self.runner.max_len:
+            raise ValueError(
+                f"a prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens does not "
+                f"fit the context of {self.runner.max_len}"
+            )
 
     def _decode(
         self,
@@ -723,6 +729,7 @@ class Generator:
         """int32 [b, max_new_tokens]: each row's tokens up to and including its end-of-text,
         then -1. Decodes several steps per compiled call (steps_per_call)."""
         batch = len(tokens)
+        self._check_fits(int(np.asarray(mask, bool).sum(axis=1).max()), max_new_tokens)
         out = np.full((batch, max_new_tokens), -1, np.int32)
         new, state, rng = self.generate_from_context(tokens, mask, rng, temperature, top_p, top_k)
         sampling = Sampling.rows(temperature, top_p, 0 if top_k is None else top_k, batch)

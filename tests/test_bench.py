@@ -17,7 +17,8 @@ def test_bench_measures_every_row_on_both_sides(tiny_mqa_dir):
     expected = [
         "load", "compile all shapes (warm-up)", "prefill 16 tokens", "prefill 100 tokens",
         "read bandwidth", "decode floor: param bytes ÷ bandwidth", "decode batch 1, per step",
-        "decode batch 1, one step per call", "decode batch 2, per step",
+        "decode batch 2, per step", "decode batch 1, one step per call",
+        "decode batch 2, one step per call",
     ]  # fmt: skip
     assert list(rows) == expected
     for name, row in rows.items():
@@ -29,3 +30,4 @@ def test_bench_measures_every_row_on_both_sides(tiny_mqa_dir):
     assert all(f"| {name} (" in table for name in expected)
     steps = f"{GENERATOR_STEPS_PER_CALL} steps per call"
     assert steps in rows["decode batch 2, per step"].note
+    assert "× batch 1" in rows["decode batch 2, one step per call"].note

@@ -185,6 +185,21 @@ def test_generate_at_once_pads_with_minus_one_after_the_end(generator):
     assert (tokens[0, first_end + 1 :] == -1).all()
 
 
+def test_prompts_that_do_not_fit_the_context_are_refused(generator):
+    context = generator.runner.max_len
+    with pytest.raises(ValueError, match="does not fit the context"):
+        generator.generate([[30] * (context - 4)], max_new_tokens=5)
+    with pytest.raises(ValueError, match="at least one token"):
+        generator.generate([[]], max_new_tokens=5)
+    initial, hparams = generator.prepare_context("x = 1", max_length=64, temperature=0.0)
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="does not fit the context"):
+        generator.generate_at_once(**initial, **hparams, rng=key, max_new_tokens=context)
+    initial["mask"][:] = False
+    with pytest.raises(ValueError, match="at least one token"):
+        generator.generate_at_once(**initial, **hparams, rng=key, max_new_tokens=4)
+
+
 # --- static shapes -------------------------------------------------------------------------
 
 
