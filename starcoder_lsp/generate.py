@@ -729,7 +729,8 @@ class Generator:
         """int32 [b, max_new_tokens]: each row's tokens up to and including its end-of-text,
         then -1. Decodes several steps per compiled call (steps_per_call)."""
         batch = len(tokens)
-        self._check_fits(int(np.asarray(mask, bool).sum(axis=1).max()), max_new_tokens)
+        for prompt_tokens in np.asarray(mask, bool).sum(axis=1):
+            self._check_fits(int(prompt_tokens), max_new_tokens)
         out = np.full((batch, max_new_tokens), -1, np.int32)
         new, state, rng = self.generate_from_context(tokens, mask, rng, temperature, top_p, top_k)
         sampling = Sampling.rows(temperature, top_p, 0 if top_k is None else top_k, batch)
@@ -739,7 +740,7 @@ class Generator:
         while True:
             for column in new.T[: max_new_tokens - step]:
                 out[~ended, step] = column[~ended]
-                ended |= np.isin(column, list(self.tokens.stop_ids))
+                ended |= np.isin(column, self.tokens.stop_ids)
                 step += 1
             if ended.all() or step == max_new_tokens:
                 self._cache = cache

@@ -189,15 +189,17 @@ def test_prompts_that_do_not_fit_the_context_are_refused(generator):
     context = generator.runner.max_len
     with pytest.raises(ValueError, match="does not fit the context"):
         generator.generate([[30] * (context - 4)], max_new_tokens=5)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="a prompt needs at least one token"):
         generator.generate([[]], max_new_tokens=5)
     initial, hparams = generator.prepare_context("x = 1", max_length=64, temperature=0.0)
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="does not fit the context"):
         generator.generate_at_once(**initial, **hparams, rng=key, max_new_tokens=context)
-    initial["mask"][:] = False
-    with pytest.raises(ValueError, match="at least one token"):
-        generator.generate_at_once(**initial, **hparams, rng=key, max_new_tokens=4)
+    empty = {k: np.concatenate([v, v]) for k, v in initial.items()}
+    empty["mask"][1] = False  # the second row of the batch has no prompt
+    hparams = {k: np.concatenate([v, v]) for k, v in hparams.items()}
+    with pytest.raises(ValueError, match="a prompt needs at least one token"):
+        generator.generate_at_once(**empty, **hparams, rng=key, max_new_tokens=4)
 
 
 # --- static shapes -------------------------------------------------------------------------
