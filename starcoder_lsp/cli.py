@@ -333,12 +333,47 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_settings(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "settings",
+        help="list the settings editors send (initializationOptions, didChangeConfiguration)",
+        description="The per-connection settings the server accepts, with their defaults and "
+        "limits. --json prints them as the JSON schema VS Code's package.json contributes.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the JSON schema")
+    parser.set_defaults(handler=_run_settings)
+
+
+def _run_settings(args: argparse.Namespace) -> int:
+    import json
+
+    from starcoder_lsp.settings import json_schema
+
+    schema = json_schema()
+    if args.json:
+        print(json.dumps(schema, indent=2))
+        return 0
+    for name, entry in schema.items():
+        limits = ", ".join(
+            f"{key} {entry[key]}"
+            for key in ("minimum", "exclusiveMinimum", "maximum")
+            if key in entry
+        )
+        kind = "|".join(entry["enum"]) if "enum" in entry else entry["type"]
+        kind = "/".join(kind) if isinstance(kind, list) else kind
+        limits = f"; {limits}" if limits else ""
+        print(f"{name} ({kind}; default {json.dumps(entry['default'])}{limits})")
+        print(f"    {entry['description']}")
+    return 0
+
+
 # Each adds one subcommand; other subcommands register here the same way.
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_make_random_model,
     _add_bench,
     _add_complete,
     _add_serve,
+    _add_settings,
 )
 
 

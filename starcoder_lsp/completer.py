@@ -16,35 +16,9 @@ from starcoder_lsp import docstring, postprocess
 from starcoder_lsp.checkpoint import SpecialTokens
 from starcoder_lsp.engine import Engine, Handle, Request, Result
 from starcoder_lsp.prompt import FimPrompt, PromptOptions, build_prompt, default_budgets
+from starcoder_lsp.settings import Settings
 
-MULTILINE_POLICIES = ("auto", "always", "never")
 DOCSTRING_TOKENS = 128  # at least this many new tokens for a docstring
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a user can set per connection (initializationOptions / didChangeConfiguration)."""
-
-    enabled: bool = True
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    fim_mode: str = "spm"
-    prefix_tokens: int | None = None  # None: a share of the context that fits
-    suffix_tokens: int | None = None
-    multiline: str = "auto"
-    min_chars: int = 1
-    filename: bool = False
-
-    def __post_init__(self) -> None:
-        if self.fim_mode not in ("spm", "psm"):
-            raise ValueError(f"fimMode must be 'spm' or 'psm', not {self.fim_mode!r}")
-        if self.multiline not in MULTILINE_POLICIES:
-            raise ValueError(f"multiline must be one of {', '.join(MULTILINE_POLICIES)}")
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise ValueError("maxNewTokens must be between 1 and 4096")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be ≥ 0 and topP in (0, 1]")
 
 
 @dataclass

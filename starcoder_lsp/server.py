@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from lsprotocol import types
@@ -26,7 +26,9 @@ from pygls.protocol.language_server import lsp_method
 from pygls.workspace import TextDocument
 
 from starcoder_lsp import __version__, docstring
-from starcoder_lsp.completer import Completer, Pending, Settings, Suggestion
+from starcoder_lsp import settings as settings_schema
+from starcoder_lsp.completer import Completer, Pending, Suggestion
+from starcoder_lsp.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +36,6 @@ ACCEPTED = "starcoder.accepted"
 GENERATE_DOCSTRING = "starcoder.generateDocstring"
 STATS = "starcoder/stats"
 
-# initializationOptions / didChangeConfiguration keys → Settings fields.
-SETTING_KEYS = {
-    "enabled": "enabled",
-    "maxNewTokens": "max_new_tokens",
-    "temperature": "temperature",
-    "topP": "top_p",
-    "fimMode": "fim_mode",
-    "prefixTokens": "prefix_tokens",
-    "suffixTokens": "suffix_tokens",
-    "multiline": "multiline",
-    "minChars": "min_chars",
-    "filename": "filename",
-}
 # Keys read at initialize only, not settings: they change what the server advertises.
 INIT_ONLY_KEYS = {"token", "completionFallback"}
 
@@ -223,16 +212,13 @@ class StarcoderServer(LanguageServer):
         options = options.get("starcoder", options)
         if not isinstance(options, dict):
             return
-        changes = {}
-        for key, value in options.items():
-            if key in SETTING_KEYS:
-                changes[SETTING_KEYS[key]] = value
-            elif key not in INIT_ONLY_KEYS and key not in self.unknown_reported:
+        for key in settings_schema.unknown_keys(options):
+            if key not in INIT_ONLY_KEYS and key not in self.unknown_reported:
                 self.unknown_reported.add(key)
                 log.warning("connection %d: unknown setting %r ignored", self.connection, key)
         try:
-            self.settings = replace(self.settings, **changes)
-        except (TypeError, ValueError) as e:
+            self.settings = self.settings.updated(options)
+        except settings_schema.SettingsError as e:
             self.show_error(f"settings not applied: {e}")
 
     def show_error(self, message: str) -> None:

@@ -1,0 +1,195 @@
+"""What a user can set per connection: the one schema behind every place a setting appears.
+
+`Settings` is the single source. Its fields give the wire names (camelCase, as the editors
+send them in `initializationOptions` and `workspace/didChangeConfiguration`), the defaults,
+the checks each value must pass, and the text the editors show; the VS Code extension's
+`package.json` and the Neovim plugin are tested against it, so a setting added here and not
+there fails CI.
+
+A value from the wire is checked for its type as well as its range before anything is
+applied: JSON gives `"abc"`, `null`, `5.5`, `true` or `NaN` as readily as a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+from starcoder_lsp.errors import StarcoderError
+
+FIM_MODES = ("spm", "psm")
+MULTILINE_POLICIES = ("auto", "always", "never")
+MAX_NEW_TOKENS = 4096
+
+
+class SettingsError(StarcoderError, ValueError):
+    """A setting of the wrong type or out of range; nothing was applied."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one setting is checked and documented."""
+
+    kind: type  # bool, int, float or str
+    description: str
+    nullable: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+def setting(default: Any, kind: type, description: str, **rule: Any) -> Any:
+    return field(default=default, metadata={"rule": Rule(kind, description, **rule)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool = setting(True, bool, "Show inline suggestions.")
+    max_new_tokens: int = setting(
+        64, int, "Most tokens generated for one suggestion.", minimum=1, maximum=MAX_NEW_TOKENS
+    )
+    temperature: float = setting(0.0, float, "Sampling temperature; 0 is greedy.", minimum=0)
+    top_p: float = setting(
+        1.0, float, "Nucleus sampling threshold.", exclusive_minimum=0, maximum=1
+    )
+    fim_mode: str = setting(
+        "spm",
+        str,
+        "Fill-in-the-middle order. SPM lets typing reuse the key/value cache.",
+        choices=FIM_MODES,
+    )
+    prefix_tokens: int | None = setting(
+        None,
+        int,
+        "Tokens of text before the cursor in the prompt. Empty: the server's share of the context.",
+        nullable=True,
+        minimum=0,
+    )
+    suffix_tokens: int | None = setting(
+        None,
+        int,
+        "Tokens of text after the cursor in the prompt. Empty: the server's share of the context.",
+        nullable=True,
+        minimum=0,
+    )
+    multiline: str = setting(
+        "auto",
+        str,
+        "Whether suggestions may span several lines (auto: after a line that opens a block, "
+        "or on an empty line).",
+        choices=MULTILINE_POLICIES,
+    )
+    min_chars: int = setting(1, int, "Shortest suggestion worth showing, in characters.", minimum=0)
+    filename: bool = setting(
+        False,
+        bool,
+        "Start the prompt with the file's name (a <filename> header), where the model's "
+        "tokenizer has that token.",
+    )
+
+    def __post_init__(self) -> None:
+        errors = [e for f in fields(self) if (e := _check(f.name, getattr(self, f.name)))]
+        if errors:
+            raise SettingsError("; ".join(errors))
+
+    def updated(self, wire: Mapping[str, Any]) -> Settings:
+        """These settings with the known keys of `wire` (camelCase) applied; every value is
+        checked first and a SettingsError names all that fail, with nothing applied."""
+        changes, errors = {}, []
+        for name in SETTING_NAMES:
+            key = wire_name(name)
+            if key not in wire:
+                continue
+            value, error = _coerce(name, wire[key])
+            if error:
+                errors.append(error)
+            else:
+                changes[name] = value
+        if errors:
+            raise SettingsError("; ".join(errors))
+        return replace(self, **changes)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {wire_name(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def rule(name: str) -> Rule:
+    return _FIELDS[name].metadata["rule"]
+
+
+def wire_name(name: str) -> str:
+    """max_new_tokens → maxNewTokens."""
+    first, *rest = name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
+def unknown_keys(wire: Mapping[str, Any]) -> list[str]:
+    return [key for key in wire if key not in WIRE_NAMES]
+
+
+def json_schema() -> dict[str, dict[str, Any]]:
+    """Each setting as a JSON schema, keyed by wire name: what VS Code's package.json
+    contributes under `starcoder.`."""
+    schema = {}
+    for f in fields(Settings):
+        r = rule(f.name)
+        kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[r.kind]
+        entry: dict[str, Any] = {"type": [kind, "null"] if r.nullable else kind}
+        if r.choices:
+            entry["enum"] = list(r.choices)
+        entry["default"] = f.default if f.default is not MISSING else None
+        for key, bound in (
+            ("minimum", r.minimum),
+            ("exclusiveMinimum", r.exclusive_minimum),
+            ("maximum", r.maximum),
+        ):
+            if bound is not None:
+                entry[key] = bound
+        entry["description"] = r.description
+        schema[wire_name(f.name)] = entry
+    return schema
+
+
+def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
+    """(the value as the field's type, None) or (None, why it is refused)."""
+    r = rule(name)
+    # JSON numbers may arrive as 64.0; a whole float is the integer it spells.
+    if r.kind is int and type(value) is float and value.is_integer():
+        value = int(value)
+    if r.kind is float and type(value) is int:
+        value = float(value)
+    return value, _check(name, value)
+
+
+def _check(name: str, value: Any) -> str | None:
+    r = rule(name)
+    key = wire_name(name)
+    if value is None:
+        return None if r.nullable else f"{key} must not be null"
+    # bool is an int in Python, but `true` is no token count.
+    if type(value) is not r.kind and not (r.kind is float and type(value) is int):
+        return f"{key} must be {_KIND_NAMES[r.kind]}, not {value!r}"
+    if r.kind is float and not math.isfinite(value):
+        return f"{key} must be a finite number, not {value!r}"
+    if r.choices and value not in r.choices:
+        return f"{key} must be one of {', '.join(r.choices)}, not {value!r}"
+    low, high = r.minimum, r.maximum
+    if r.exclusive_minimum is not None and value <= r.exclusive_minimum:
+        bounds = f"in ({r.exclusive_minimum:g}, {high:g}]" if high is not None else "positive"
+        return f"{key} must be {bounds}, not {value!r}"
+    if low is not None and high is not None and not low <= value <= high:
+        return f"{key} must be between {low:g} and {high:g}, not {value!r}"
+    if low is not None and value < low:
+        return f"{key} must be at least {low:g}, not {value!r}"
+    if high is not None and value > high:
+        return f"{key} must be at most {high:g}, not {value!r}"
+    return None
+
+
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_FIELDS = {f.name: f for f in fields(Settings)}
+SETTING_NAMES = tuple(_FIELDS)
+WIRE_NAMES = frozenset(wire_name(name) for name in SETTING_NAMES)

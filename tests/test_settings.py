@@ -1,0 +1,101 @@
+"""The settings schema, without a server: wire names, defaults, checks, JSON schema."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from starcoder_lsp.settings import Settings, SettingsError, json_schema, unknown_keys, wire_name
+
+
+def test_wire_names_are_the_fields_in_camel_case():
+    assert wire_name("max_new_tokens") == "maxNewTokens"
+    assert wire_name("enabled") == "enabled"
+    assert list(Settings().to_wire()) == [
+        "enabled",
+        "maxNewTokens",
+        "temperature",
+        "topP",
+        "fimMode",
+        "prefixTokens",
+        "suffixTokens",
+        "multiline",
+        "minChars",
+        "filename",
+    ]
+
+
+def test_updated_applies_known_keys_and_converts_numbers():
+    settings = Settings().updated(
+        {"maxNewTokens": 12.0, "temperature": 1, "prefixTokens": None, "filename": True}
+    )
+    assert settings.max_new_tokens == 12 and type(settings.max_new_tokens) is int
+    assert settings.temperature == 1.0 and type(settings.temperature) is float
+    assert settings.filename is True
+    assert unknown_keys({"maxNewTokens": 1, "colour": "red"}) == ["colour"]
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        ({"minChars": "abc"}, "minChars must be a whole number"),
+        ({"minChars": None}, "minChars must not be null"),
+        ({"maxNewTokens": 5.5}, "maxNewTokens must be a whole number"),
+        ({"maxNewTokens": True}, "maxNewTokens must be a whole number"),
+        ({"maxNewTokens": 0}, "maxNewTokens must be between 1 and 4096"),
+        ({"temperature": math.nan}, "temperature must be a finite number"),
+        ({"temperature": math.inf}, "temperature must be a finite number"),
+        ({"temperature": -1}, "temperature must be at least 0"),
+        ({"enabled": "no"}, "enabled must be true or false"),
+        ({"prefixTokens": -5}, "prefixTokens must be at least 0"),
+        ({"topP": 0}, "topP must be in (0, 1]"),
+        ({"fimMode": "backwards"}, "fimMode must be one of spm, psm"),
+        ({"multiline": "sometimes"}, "multiline must be one of auto, always, never"),
+    ],
+)
+def test_a_wrong_value_is_refused_and_nothing_is_applied(wire, message):
+    before = Settings(max_new_tokens=7)
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        before.updated({"maxNewTokens": 9, **wire})
+    assert before.max_new_tokens == 7
+
+
+def test_every_failing_value_is_named_at_once():
+    with pytest.raises(SettingsError) as refused:
+        Settings().updated({"minChars": "x", "topP": 2})
+    assert "minChars" in str(refused.value) and "topP" in str(refused.value)
+
+
+def test_settings_are_checked_when_made_directly():
+    with pytest.raises(ValueError, match="fimMode"):
+        Settings(fim_mode="mps")
+    with pytest.raises(ValueError, match="maxNewTokens"):
+        Settings(max_new_tokens=0)
+
+
+def test_json_schema_follows_the_fields():
+    schema = json_schema()
+    assert list(schema) == list(Settings().to_wire())
+    assert schema["maxNewTokens"] == {
+        "type": "integer",
+        "default": 64,
+        "minimum": 1,
+        "maximum": 4096,
+        "description": "Most tokens generated for one suggestion.",
+    }
+    assert schema["prefixTokens"]["type"] == ["integer", "null"]
+    assert schema["fimMode"]["enum"] == ["spm", "psm"]
+
+
+def test_the_settings_command_prints_the_schema():
+    printed = subprocess.run(
+        [sys.executable, "-m", "starcoder_lsp", "settings", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(printed.stdout) == json_schema()
