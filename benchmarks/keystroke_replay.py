@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from starcoder_lsp import checkpoint
-from starcoder_lsp.completer import Completer, Settings
-from starcoder_lsp.engine import Engine
-from starcoder_lsp.generate import Runner
+from starcoder_lsp.completer import Completer
+from starcoder_lsp.factory import ModelOptions, build_engine, completer_for, load_checkpoint
+from starcoder_lsp.runner import Runner
+from starcoder_lsp.settings import Settings
 
 PAUSE_AFTER = set(" \n.,:;()[]{}=")
 
@@ -87,9 +87,16 @@ def pick_stretch(source: str, tokenizer: object, min_context: int, chars: int) -
     return offset, offset + chars
 
 
-def replay(completer: Completer, stats: Stats, source: str, start: int, end: int,
-           settings: Settings, every: int = 1,
-           cpm: float = 0) -> list[tuple[list[int], int]]:  # fmt: skip
+def replay(
+    completer: Completer,
+    stats: Stats,
+    source: str,
+    start: int,
+    end: int,
+    settings: Settings,
+    every: int = 1,
+    cpm: float = 0,
+) -> list[tuple[list[int], int]]:
     """Type the stretch back at `cpm` characters per minute (0: as fast as answers come);
     returns each model request's prompt and new-token count."""
     before, typed, after = source[:start], source[start:end], source[end:]
@@ -130,8 +137,9 @@ def transformers_baseline(directory: Path, prompts: list[tuple[list[int], int]])
         for ids, new in prompts:
             x = torch.tensor([ids])
             began = time.perf_counter()
-            model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=0)  # fmt: skip
+            model.generate(
+                x, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+            )
             stats.latency.append(time.perf_counter() - began)
             stats.prefill.append(len(ids))
             stats.decode.append(0.0)
@@ -141,17 +149,26 @@ def transformers_baseline(directory: Path, prompts: list[tuple[list[int], int]])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/tiny_starcoder_py")
-    parser.add_argument("--file", type=Path,
-                        default=Path(sysconfig.get_paths()["stdlib"]) / "argparse.py")  # fmt: skip
+    parser.add_argument(
+        "--file", type=Path, default=Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+    )
     parser.add_argument("--chars", type=int, default=400, help="characters typed")
-    parser.add_argument("--min-context", type=int, default=2000,
-                        help="tokens of file before the typed stretch")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=16,
-                        help="cap of a single-line suggestion (random weights rarely end a "
-                        "line by themselves)")  # fmt: skip
-    parser.add_argument("--cpm", type=float, default=250,
-                        help="typing speed in characters per minute (0: type on as soon as "
-                        "each suggestion arrives)")  # fmt: skip
+    parser.add_argument(
+        "--min-context", type=int, default=2000, help="tokens of file before the typed stretch"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="cap of a single-line suggestion (random weights rarely end a line by themselves)",
+    )
+    parser.add_argument(
+        "--cpm",
+        type=float,
+        default=250,
+        help="typing speed in characters per minute (0: type on as soon as "
+        "each suggestion arrives)",
+    )
     parser.add_argument(
         "--baseline-every", type=int, default=12, help="no-cache and transformers: every Nth pause"
     )
@@ -161,12 +178,15 @@ def main() -> None:
         from starcoder_lsp.cli import main as cli
 
         cli(["make-random-model", args.model, "--preset", "tiny_starcoder_py"])
-    ckpt = checkpoint.load(args.model)
+    ckpt = load_checkpoint(ModelOptions(args.model))
     source = args.file.read_text()
     start, end = pick_stretch(source, ckpt.tokenizer, args.min_context, args.chars)
-    print(f"{args.file.name}: typing {args.chars} characters after "
-          f"{len(ckpt.tokenizer.encode(source[:start]))} tokens", file=sys.stderr)  # fmt: skip
-    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=4)
+    print(
+        f"{args.file.name}: typing {args.chars} characters after "
+        f"{len(ckpt.tokenizer.encode(source[:start]))} tokens",
+        file=sys.stderr,
+    )
+    runner = Runner.from_checkpoint(ckpt, slots=4)
     all_stats: list[Stats] = []
     recorded: list[tuple[list[int], int]] = []
     # PSM recomputes the suffix at every keystroke: it runs every few pauses to keep the
@@ -176,10 +196,10 @@ def main() -> None:
         ("PSM + prefix cache", "psm", True, max(1, args.baseline_every // 2)),
         ("SPM, no cache", "spm", False, args.baseline_every),
     ):
-        engine = Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids, prefix_cache=cached)
+        engine = build_engine(ckpt, runner, prefix_cache=cached)
         engine.start(lambda i, n, what: print(f"\r{what} {i}/{n}", end="", file=sys.stderr))
         engine.ready.wait()
-        completer = Completer(engine, ckpt.tokenizer, ckpt.tokens)
+        completer = completer_for(ckpt, engine)
         settings = Settings(fim_mode=mode, max_new_tokens=args.max_new_tokens, multiline="never")
         stats = Stats(name, note="" if every == 1 else f"every {every}th pause")
         requests = replay(completer, stats, source, start, end, settings, every, args.cpm)
@@ -190,8 +210,10 @@ def main() -> None:
     baseline = transformers_baseline(ckpt.path, recorded)
     baseline.note = f"every {args.baseline_every}th pause"
     all_stats.append(baseline)
-    print(f"\nkeystroke replay · {args.file.name} · {args.chars} chars after ≥{args.min_context} "
-          f"tokens · {args.cpm:g} cpm · single-line · greedy · {ckpt.path.name}")  # fmt: skip
+    print(
+        f"\nkeystroke replay · {args.file.name} · {args.chars} chars after ≥{args.min_context} "
+        f"tokens · {args.cpm:g} cpm · single-line · greedy · {ckpt.path.name}"
+    )
     print(HEADER)
     for stats in all_stats:
         print(stats.row())

@@ -27,10 +27,25 @@ from pygls.lsp.client import LanguageClient
 
 # Large, plain Python modules: each client types into a different one.
 FILES = (
-    "argparse.py", "typing.py", "inspect.py", "pathlib.py", "tarfile.py", "ast.py",
-    "subprocess.py", "dataclasses.py", "configparser.py", "logging/__init__.py", "shutil.py",
-    "ssl.py", "difflib.py", "pydoc.py", "threading.py", "pickle.py", "enum.py", "textwrap.py",
-)  # fmt: skip
+    "argparse.py",
+    "typing.py",
+    "inspect.py",
+    "pathlib.py",
+    "tarfile.py",
+    "ast.py",
+    "subprocess.py",
+    "dataclasses.py",
+    "configparser.py",
+    "logging/__init__.py",
+    "shutil.py",
+    "ssl.py",
+    "difflib.py",
+    "pydoc.py",
+    "threading.py",
+    "pickle.py",
+    "enum.py",
+    "textwrap.py",
+)
 
 
 @dataclass
@@ -80,24 +95,35 @@ async def client_session(port: int, index: int, args: argparse.Namespace, run: R
     client = LanguageClient("load-bench", "1")
     await client.start_tcp("127.0.0.1", port)
     options = {"maxNewTokens": args.max_new_tokens, "multiline": "auto"}
-    await client.initialize_async(types.InitializeParams(
-        capabilities=types.ClientCapabilities(), initialization_options=options))  # fmt: skip
+    await client.initialize_async(
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(), initialization_options=options
+        )
+    )
     client.initialized(types.InitializedParams())
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     before, typed, after = stretch(
         stdlib / FILES[index % len(FILES)], args.context_chars, args.keys
     )
     uri = f"file:///load/{index}/{FILES[index % len(FILES)]}"
-    client.text_document_did_open(types.DidOpenTextDocumentParams(types.TextDocumentItem(
-        uri=uri, language_id="python", version=1, text=before + after)))  # fmt: skip
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(
+            types.TextDocumentItem(uri=uri, language_id="python", version=1, text=before + after)
+        )
+    )
     text = before
     for version, char in enumerate(typed, start=2):
         at = position(text)
-        client.text_document_did_change(types.DidChangeTextDocumentParams(
-            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
-            content_changes=[types.TextDocumentContentChangePartial(
-                range=types.Range(start=at, end=at), text=char)],
-        ))  # fmt: skip
+        client.text_document_did_change(
+            types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+                content_changes=[
+                    types.TextDocumentContentChangePartial(
+                        range=types.Range(start=at, end=at), text=char
+                    )
+                ],
+            )
+        )
         text += char
         if (version - 1) % args.request_every:
             continue
@@ -146,32 +172,54 @@ async def measure(port: int, args: argparse.Namespace) -> list[Run]:
         await asyncio.gather(*(client_session(port, i, args, run) for i in range(clients)))
         run.seconds = time.perf_counter() - started
         runs.append(run)
-        print(f"{clients} clients: {len(run.latencies)} requests in {run.seconds:.0f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{clients} clients: {len(run.latencies)} requests in {run.seconds:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--clients", default="1,4,16",
-                        help="client counts, run one after another (default: 1,4,16)")  # fmt: skip
+    parser.add_argument(
+        "--clients", default="1,4,16", help="client counts, run one after another (default: 1,4,16)"
+    )
     parser.add_argument("--keys", type=int, default=40, help="characters each client types")
-    parser.add_argument("--request-every", type=int, default=4,
-                        help="keystrokes between completion requests")  # fmt: skip
-    parser.add_argument("--context-chars", type=int, default=6000,
-                        help="characters of the file before the typed stretch")  # fmt: skip
+    parser.add_argument(
+        "--request-every", type=int, default=4, help="keystrokes between completion requests"
+    )
+    parser.add_argument(
+        "--context-chars",
+        type=int,
+        default=6000,
+        help="characters of the file before the typed stretch",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--cache-slots", type=int, default=8)
     args = parser.parse_args()
     args.clients = [int(n) for n in args.clients.split(",")]
 
     server = subprocess.Popen(
-        [sys.executable, "-m", "starcoder_lsp", "serve", "--tcp", "--port", "0",
-         "--model", args.model, "--cache-slots", str(args.cache_slots),
-         "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "starcoder_lsp",
+            "serve",
+            "--tcp",
+            "--port",
+            "0",
+            "--model",
+            args.model,
+            "--cache-slots",
+            str(args.cache_slots),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = server.stdout.readline()
         port = int(line.split()[3].rsplit(":", 1)[1])
@@ -180,9 +228,11 @@ def main() -> None:
         server.terminate()
         server.wait()
 
-    print(f"\nmodel {args.model}; {args.keys} keys per client, a request every "
-          f"{args.request_every}; {args.max_new_tokens} new tokens at most; "
-          f"{args.cache_slots} cache slots\n")  # fmt: skip
+    print(
+        f"\nmodel {args.model}; {args.keys} keys per client, a request every "
+        f"{args.request_every}; {args.max_new_tokens} new tokens at most; "
+        f"{args.cache_slots} cache slots\n"
+    )
     print("| clients | requests | p50 (ms) | p95 (ms) | max (ms) | throughput/s | shown | errors |")
     print(
         "|--------:|---------:|---------:|---------:|---------:|--------------:|------:|-------:|"

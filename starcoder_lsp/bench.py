@@ -14,14 +14,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from starcoder_lsp import checkpoint
-from starcoder_lsp.generate import GENERATOR_STEPS_PER_CALL, Runner, Sampling
+from starcoder_lsp.factory import ModelOptions, load_checkpoint
+from starcoder_lsp.generator import GENERATOR_STEPS_PER_CALL
+from starcoder_lsp.runner import Runner
+from starcoder_lsp.sampling import Sampling
 
 
 @dataclass
@@ -112,16 +114,16 @@ DECODE_CONTEXT = 256  # decoding runs after a prompt of this length, in every ro
 class _Ours:
     """Our engine on a checkpoint, with every shape compiled: makes the timed calls."""
 
-    def __init__(self, model: str, mesh: Mesh | None, dtype: jnp.dtype,
-                 batches: Sequence[int], log: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(
+        self, options: ModelOptions, batches: Sequence[int], log: Callable[[str], None]
+    ) -> None:
         start = time.perf_counter()
-        self.checkpoint = ckpt = checkpoint.load(model, mesh, dtype)
+        self.checkpoint = ckpt = load_checkpoint(options)
         self.load = time.perf_counter() - start
         log(f"loaded in {self.load:.1f} s")
-        self.runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype,
-                             max_len=ckpt.config.n_positions, slots=max(batches),
-                             batches=batches,
-                             steps_per_call=GENERATOR_STEPS_PER_CALL)  # fmt: skip
+        self.runner = Runner.from_checkpoint(
+            ckpt, slots=max(batches), batches=batches, steps_per_call=GENERATOR_STEPS_PER_CALL
+        )
         log(f"compiling {len(self.runner.shapes())} shapes...")
         start = time.perf_counter()
         self.cache = self.runner.warmup()
@@ -141,8 +143,9 @@ class _Ours:
 
         def steps() -> None:
             nonlocal position
-            _, self.cache = self.runner.decode_steps(self.cache, rows, [7] * batch,
-                                                     [position] * batch, greedy, key)  # fmt: skip
+            _, self.cache = self.runner.decode_steps(
+                self.cache, rows, [7] * batch, [position] * batch, greedy, key
+            )
             position += self.runner.steps_per_call
 
         return steps
@@ -153,8 +156,9 @@ class _Ours:
 
         def step() -> None:
             nonlocal position
-            logits, self.cache = self.runner.decode(self.cache, rows, [7] * batch,
-                                                    [position] * batch)  # fmt: skip
+            logits, self.cache = self.runner.decode(
+                self.cache, rows, [7] * batch, [position] * batch
+            )
             logits.block_until_ready()
             position += 1
 
@@ -212,9 +216,7 @@ class _Transformers:
 
 
 def run(
-    model: str,
-    mesh: Mesh | None = None,
-    dtype: str | None = None,
+    model: ModelOptions | str | Path,
     prefill_lengths: Sequence[int] = (256, 1024, 4096),
     batches: Sequence[int] = (1, 4, 8),
     repeats: int = 3,
@@ -222,11 +224,12 @@ def run(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> Report:
     """Each row's cases (ours, transformers, and for batch-1 decode the bandwidth read) are
-    measured in turn, round by round, so that they share the machine's mood."""
+    measured in turn, round by round, so that they share the machine's mood. `model` is a
+    checkpoint with the default options, or ModelOptions (mesh, dtype, ...)."""
+    options = model if isinstance(model, ModelOptions) else ModelOptions(model)
     backend = jax.default_backend()
-    jdtype = jnp.dtype(dtype or ("float32" if backend == "cpu" else "bfloat16"))
-    ours = _Ours(model, mesh, jdtype, batches, log)
-    config = ours.checkpoint.config
+    ours = _Ours(options, batches, log)
+    config, jdtype = ours.checkpoint.config, ours.checkpoint.dtype
     theirs: _Transformers | None = None
     if compare and (jdtype != jnp.float32 or backend != "cpu"):
         log("transformers comparison runs on CPU in float32 only; skipped")
@@ -236,8 +239,12 @@ def run(
         theirs = _Transformers(str(ours.checkpoint.path), os.cpu_count() or 1)
     probe = _BandwidthProbe()
 
-    def measure(label: str, make: Callable[[_Ours | _Transformers], Callable[[], None]],
-                rounds: int, **extra: Callable[[], None]) -> dict[str, float]:  # fmt: skip
+    def measure(
+        label: str,
+        make: Callable[[_Ours | _Transformers], Callable[[], None]],
+        rounds: int,
+        **extra: Callable[[], None],
+    ) -> dict[str, float]:
         sides = {"ours": ours, "theirs": theirs}
         cases = {name: make(side) for name, side in sides.items() if side is not None}
         seconds = _alternating(cases | extra, rounds)
@@ -246,13 +253,27 @@ def run(
 
     devices = jax.devices()
     report = Report(
-        f"{len(devices)}× {devices[0].device_kind} ({backend})", str(model), jdtype.name
+        f"{len(devices)}× {devices[0].device_kind} ({backend})", str(options.model), jdtype.name
     )
     rows = report.rows
-    rows.append(Row("load", ours.load, theirs and theirs.load, "s",
-                    "ours: read + place on devices; excludes imports"))  # fmt: skip
-    rows.append(Row("compile all shapes (warm-up)", ours.warmup, None, "s",
-                    "once per process; cached on disk across restarts"))  # fmt: skip
+    rows.append(
+        Row(
+            "load",
+            ours.load,
+            theirs and theirs.load,
+            "s",
+            "ours: read + place on devices; excludes imports",
+        )
+    )
+    rows.append(
+        Row(
+            "compile all shapes (warm-up)",
+            ours.warmup,
+            None,
+            "s",
+            "once per process; cached on disk across restarts",
+        )
+    )
     for n in (n for n in prefill_lengths if n <= ours.runner.max_len):
         prompt = _prompt(config.vocab_size, n)
         t = measure(f"prefill {n}", lambda side, p=prompt: side.prefill(p), repeats)
@@ -268,13 +289,21 @@ def run(
         # the server's way, is measured beside every batch's calls.
         extra = {"one step": ours.decode_one(b)} | ({"read": probe} if b == batches[0] else {})
         make = lambda side, b=b: side.decode(b)
-        decode[b] = measure(f"decode batch {b} (ours: a call of {steps} steps)", make,
-                            repeats * 4, **extra)  # fmt: skip
+        decode[b] = measure(
+            f"decode batch {b} (ours: a call of {steps} steps)", make, repeats * 4, **extra
+        )
         decode[b]["ours"] /= steps
     bandwidth = probe.nbytes / decode[batches[0]]["read"]
     floor_ms = bytes_per_step / bandwidth * 1000
-    rows.append(Row("read bandwidth", bandwidth / 1e9, None, "GB/s",
-                    "jnp.sum of a 1 GiB array, in turn with the batch-1 decode steps"))  # fmt: skip
+    rows.append(
+        Row(
+            "read bandwidth",
+            bandwidth / 1e9,
+            None,
+            "GB/s",
+            "jnp.sum of a 1 GiB array, in turn with the batch-1 decode steps",
+        )
+    )
     rows.append(Row("decode floor: param bytes ÷ bandwidth", floor_ms, None, "ms"))
     for case, how in (("ours", f"{steps} steps per call"), ("one step", "as the server decodes")):
         first = decode[batches[0]][case]

@@ -25,6 +25,8 @@ from starcoder_lsp import sharding
 from starcoder_lsp.config import ModelConfig
 from starcoder_lsp.errors import CheckpointError, TokenizerError
 from starcoder_lsp.model import abstract_params
+from starcoder_lsp.progress import Progress
+from starcoder_lsp.special_tokens import SpecialTokens, special_tokens
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -186,12 +188,19 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "transformer.ln_f.bias": (d,),
     }
     per_layer = {
-        "ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
-        "attn.c_attn.weight": (c_attn, d), "attn.c_attn.bias": (c_attn,),
-        "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
-        "mlp.c_fc.weight": (inner, d), "mlp.c_fc.bias": (inner,),
-        "mlp.c_proj.weight": (d, inner), "mlp.c_proj.bias": (d,),
-    }  # fmt: skip
+        "ln_1.weight": (d,),
+        "ln_1.bias": (d,),
+        "ln_2.weight": (d,),
+        "ln_2.bias": (d,),
+        "attn.c_attn.weight": (c_attn, d),
+        "attn.c_attn.bias": (c_attn,),
+        "attn.c_proj.weight": (d, d),
+        "attn.c_proj.bias": (d,),
+        "mlp.c_fc.weight": (inner, d),
+        "mlp.c_fc.bias": (inner,),
+        "mlp.c_proj.weight": (d, inner),
+        "mlp.c_proj.bias": (d,),
+    }
     for i in range(config.n_layer):
         shapes.update({f"transformer.h.{i}.{k}": v for k, v in per_layer.items()})
     return shapes
@@ -230,7 +239,7 @@ def load_params(
     config: ModelConfig,
     mesh: Mesh | None = None,
     dtype: jnp.dtype = jnp.float32,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """The Flax parameter tree, each leaf placed on its sharding of `mesh`."""
     mesh = mesh if mesh is not None else sharding.make_mesh("1x1")
@@ -249,7 +258,7 @@ def load_params(
             source = sources[_LAYER.sub("h/", key)]
             placed[key] = _place(source, reader, layer, leaf, shardings[key], np_dtype)
             if progress:
-                progress(key, n + 1, len(leaves))
+                progress(n + 1, len(leaves), f"loading {key}")
     return _unflatten(placed)
 
 
@@ -270,56 +279,6 @@ def _unflatten(flat: dict[str, jax.Array]) -> dict:
 
 
 # --- tokenizer -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Ids of the tokens prompts and stopping rely on, looked up by name in the tokenizer."""
-
-    eos: int
-    fim_prefix: int
-    fim_middle: int
-    fim_suffix: int
-    fim_pad: int | None
-    filename: int | None
-    file_sep: int | None
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Tokens that end a completion: end of text and any FIM marker or file separator."""
-        ids = (self.eos, self.fim_prefix, self.fim_middle, self.fim_suffix, self.fim_pad,
-               self.filename, self.file_sep)  # fmt: skip
-        return tuple(sorted({i for i in ids if i is not None}))
-
-
-# StarCoder spells them with underscores, SantaCoder with hyphens.
-_SPELLINGS = {
-    "eos": ("<|endoftext|>",),
-    "fim_prefix": ("<fim_prefix>", "<fim-prefix>"),
-    "fim_middle": ("<fim_middle>", "<fim-middle>"),
-    "fim_suffix": ("<fim_suffix>", "<fim-suffix>"),
-    "fim_pad": ("<fim_pad>", "<fim-pad>"),
-    "filename": ("<filename>",),
-    "file_sep": ("<file_sep>",),
-}
-_REQUIRED = ("eos", "fim_prefix", "fim_middle", "fim_suffix")
-
-
-def special_tokens(tokenizer: object) -> SpecialTokens:
-    vocab = tokenizer.get_vocab()
-    found = {
-        field: next((vocab[s] for s in spellings if s in vocab), None)
-        for field, spellings in _SPELLINGS.items()
-    }
-    if found["eos"] is None and getattr(tokenizer, "eos_token_id", None) is not None:
-        found["eos"] = tokenizer.eos_token_id
-    missing = [_SPELLINGS[f][0] for f in _REQUIRED if found[f] is None]
-    if missing:
-        raise TokenizerError(
-            f"the tokenizer lacks {', '.join(missing)}: fill-in-the-middle needs a StarCoder-"
-            "family tokenizer with <fim_prefix>, <fim_suffix>, <fim_middle> and <|endoftext|>"
-        )
-    return SpecialTokens(**found)
 
 
 def load_tokenizer(directory: Path) -> tuple[object, SpecialTokens]:
@@ -347,19 +306,26 @@ class Checkpoint:
     load_seconds: float
 
 
+def default_dtype() -> jnp.dtype:
+    """float32 on CPU, where XLA runs bfloat16 slowly; bfloat16 on GPUs and TPUs."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
 def load(
     name_or_path: str | Path,
     mesh: Mesh | None = None,
-    dtype: jnp.dtype | str = jnp.float32,
+    dtype: jnp.dtype | str | None = None,
     revision: str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Checkpoint:
+    """Everything a runner needs from a checkpoint: mesh None is one device, dtype None the
+    platform's default (`default_dtype`)."""
     start = time.perf_counter()
     directory = resolve(name_or_path, revision)
     config = load_config(directory)
     tokenizer, tokens = load_tokenizer(directory)
     mesh = mesh if mesh is not None else sharding.make_mesh("1x1")
-    dtype = jnp.dtype(dtype)
+    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
     params = load_params(directory, config, mesh, dtype, progress)
     jax.block_until_ready(params)
     return Checkpoint(

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from starcoder_lsp.completer import Completer
+    from starcoder_lsp.factory import ModelOptions
+    from starcoder_lsp.progress import Progress
 
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -111,43 +113,55 @@ def _add_bench(subparsers: Subparsers) -> None:
         ),
     )
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    parser.add_argument("--mesh", default="1x1", help="DPxMP device mesh (default: 1x1)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="default: float32 on CPU, bfloat16 on GPU/TPU")  # fmt: skip
-    parser.add_argument("--prefill", type=_int_list, default=[256, 1024, 4096],
-                        help="prompt lengths (default: 256,1024,4096)")  # fmt: skip
-    parser.add_argument("--batches", type=_int_list, default=[1, 4, 8],
-                        help="decode batch sizes (default: 1,4,8)")  # fmt: skip
+    _add_placement(parser)
+    parser.add_argument(
+        "--prefill",
+        type=_int_list,
+        default=[256, 1024, 4096],
+        help="prompt lengths (default: 256,1024,4096)",
+    )
+    parser.add_argument(
+        "--batches", type=_int_list, default=[1, 4, 8], help="decode batch sizes (default: 1,4,8)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
-    parser.add_argument("--no-transformers", action="store_true",
-                        help="skip the transformers comparison")  # fmt: skip
+    parser.add_argument(
+        "--no-transformers", action="store_true", help="skip the transformers comparison"
+    )
     _add_compilation_cache(parser)
     parser.set_defaults(handler=_run_bench)
 
 
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs and in which precision."""
+    parser.add_argument("--mesh", default="1x1", help="DPxMP device mesh (default: 1x1)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: float32 on CPU, bfloat16 on GPU/TPU",
+    )
+
+
 def _add_compilation_cache(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--compilation-cache", metavar="DIR", default=None,
+        "--compilation-cache",
+        metavar="DIR",
+        default=None,
         help="where compiled programs persist, so that a restart skips most of the warm-up "
         "(default: ~/.cache/starcoder-lsp/jax; 'off' disables it)",
-    )  # fmt: skip
-
-
-def _use_compilation_cache(args: argparse.Namespace) -> None:
-    if args.compilation_cache != "off":
-        from starcoder_lsp.generate import enable_compilation_cache
-
-        enable_compilation_cache(args.compilation_cache)
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from starcoder_lsp import bench, sharding
+    from starcoder_lsp import bench
 
-    _use_compilation_cache(args)
     report = bench.run(
-        args.model, sharding.make_mesh(args.mesh), args.dtype, args.prefill, args.batches,
-        args.repeats, compare=not args.no_transformers,
-    )  # fmt: skip
+        _model_options(args, slots=max(args.batches)),
+        args.prefill,
+        args.batches,
+        args.repeats,
+        compare=not args.no_transformers,
+    )
     print(report.table())
     return 0
 
@@ -157,18 +171,26 @@ DEFAULT_MODEL = "bigcode/tiny_starcoder_py"
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run the model."""
-    parser.add_argument("--model", default=os.environ.get("STARCODER_LSP_MODEL", DEFAULT_MODEL),
-                        help="checkpoint directory or Hugging Face hub id (default: "
-                        f"$STARCODER_LSP_MODEL or {DEFAULT_MODEL})")  # fmt: skip
-    parser.add_argument("--mesh", default="1x1", help="DPxMP device mesh (default: 1x1)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="default: float32 on CPU, bfloat16 on GPU/TPU")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("STARCODER_LSP_MODEL", DEFAULT_MODEL),
+        help="checkpoint directory or Hugging Face hub id (default: "
+        f"$STARCODER_LSP_MODEL or {DEFAULT_MODEL})",
+    )
+    _add_placement(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--fim-mode", choices=("spm", "psm"), default="spm",
-                        help="fill-in-the-middle order (default: spm, which lets typing reuse "
-                        "the cache)")  # fmt: skip
-    parser.add_argument("--cache-slots", type=int, default=8,
-                        help="key/value cache slots (requests decoding at once)")  # fmt: skip
+    parser.add_argument(
+        "--fim-mode",
+        choices=("spm", "psm"),
+        default="spm",
+        help="fill-in-the-middle order (default: spm, which lets typing reuse the cache)",
+    )
+    parser.add_argument(
+        "--cache-slots",
+        type=int,
+        default=8,
+        help="key/value cache slots (requests decoding at once)",
+    )
     parser.add_argument(
         "--no-prefix-cache",
         action="store_true",
@@ -177,33 +199,36 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_compilation_cache(parser)
 
 
-def _load_completer(
-    args: argparse.Namespace,
-    slots: int,
-    warmup: bool,
-    progress: Callable[[int, int, str], None] | None = None,
+def _model_options(args: argparse.Namespace, slots: int) -> ModelOptions:
+    from starcoder_lsp.factory import ModelOptions
+
+    return ModelOptions(
+        model=args.model,
+        mesh=args.mesh,
+        dtype=args.dtype,
+        slots=slots,
+        prefix_cache=not getattr(args, "no_prefix_cache", False),
+        compilation_cache=_compilation_cache(args),
+    )
+
+
+def _compilation_cache(args: argparse.Namespace) -> str | None:
+    """The --compilation-cache directory; None when it is 'off'."""
+    if args.compilation_cache == "off":
+        return None
+    from starcoder_lsp.compilation import DEFAULT_CACHE_DIR
+
+    return args.compilation_cache or str(DEFAULT_CACHE_DIR)
+
+
+def _build_completer(
+    args: argparse.Namespace, slots: int, warmup: bool, progress: Progress | None = None
 ) -> Completer:
-    from starcoder_lsp import checkpoint, sharding
-    from starcoder_lsp.completer import Completer
-    from starcoder_lsp.engine import Engine
-    from starcoder_lsp.generate import Runner
+    from starcoder_lsp.factory import build_completer
 
-    _use_compilation_cache(args)
-    if progress is not None:
-        progress(0, 1, f"loading {args.model}")
-    ckpt = checkpoint.load(args.model, sharding.make_mesh(args.mesh), args.dtype or _dtype())
-    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=slots)
-    engine = Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids,
-                    prefix_cache=not args.no_prefix_cache)  # fmt: skip
-    engine.start(progress, warmup=warmup)
-    print(engine.describe(), file=sys.stderr)
-    return Completer(engine, ckpt.tokenizer, ckpt.tokens)
-
-
-def _dtype() -> str:
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    completer = build_completer(_model_options(args, slots), warmup=warmup, progress=progress)
+    print(completer.engine.describe(), file=sys.stderr)
+    return completer
 
 
 def _add_complete(subparsers: Subparsers) -> None:
@@ -217,8 +242,9 @@ def _add_complete(subparsers: Subparsers) -> None:
     parser.add_argument("--line", type=int, required=True)
     parser.add_argument("--character", type=int, required=True)
     parser.add_argument("--multiline", choices=("auto", "always", "never"), default="auto")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON: prompt text, token counts, timings")  # fmt: skip
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON: prompt text, token counts, timings"
+    )
     _add_model_options(parser)
     parser.set_defaults(handler=_run_complete)
 
@@ -228,24 +254,26 @@ def _offset(text: str, line: int, character: int) -> int:
     if not 0 <= line < len(lines):
         raise StarcoderError(f"line {line} is outside the file (0..{len(lines) - 1})")
     if not 0 <= character <= len(lines[line]):
-        raise StarcoderError(f"character {character} is outside line {line} "
-                             f"(0..{len(lines[line])})")  # fmt: skip
+        raise StarcoderError(
+            f"character {character} is outside line {line} (0..{len(lines[line])})"
+        )
     return sum(len(s) + 1 for s in lines[:line]) + character
 
 
 def _run_complete(args: argparse.Namespace) -> int:
     import json
 
-    from starcoder_lsp.completer import Settings
+    from starcoder_lsp.settings import Settings
 
     try:
         text = args.file.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise StarcoderError(f"cannot read {args.file}: {e}") from None
     cursor = _offset(text, args.line, args.character)
-    settings = Settings(max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode,
-                        multiline=args.multiline)  # fmt: skip
-    completer = _load_completer(args, slots=1, warmup=False)
+    settings = Settings(
+        max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode, multiline=args.multiline
+    )
+    completer = _build_completer(args, slots=1, warmup=False)
     try:
         suggestion = completer.complete(str(args.file), text, cursor, settings, args.file.name)
     finally:
@@ -254,17 +282,26 @@ def _run_complete(args: argparse.Namespace) -> int:
         print(suggestion.text)
         return 0
     result, prompt = suggestion.result, suggestion.prompt
-    print(json.dumps({
-        "text": suggestion.text,
-        "replace_suffix_chars": suggestion.replace_suffix_chars,
-        "raw": result.text,
-        "finish_reason": result.finish_reason,
-        "prompt": completer.tokenizer.decode(prompt.ids),
-        "prompt_tokens": result.prompt_tokens,
-        "generated_tokens": len(result.tokens),
-        "seconds": {"prefill": result.prefill_seconds, "decode": result.decode_seconds,
-                    "total": suggestion.seconds},
-    }, indent=2, ensure_ascii=False))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "text": suggestion.text,
+                "replace_suffix_chars": suggestion.replace_suffix_chars,
+                "raw": result.text,
+                "finish_reason": result.finish_reason,
+                "prompt": completer.tokenizer.decode(prompt.ids),
+                "prompt_tokens": result.prompt_tokens,
+                "generated_tokens": len(result.tokens),
+                "seconds": {
+                    "prefill": result.prefill_seconds,
+                    "decode": result.decode_seconds,
+                    "total": suggestion.seconds,
+                },
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
     return 0
 
 
@@ -279,32 +316,44 @@ def _add_serve(subparsers: Subparsers) -> None:
         "--host 0.0.0.0 --token SECRET --tls-cert CERT --tls-key KEY.",
     )
     transport = parser.add_mutually_exclusive_group()
-    transport.add_argument("--stdio", action="store_true",
-                           help="talk LSP over stdin/stdout (the default)")  # fmt: skip
-    transport.add_argument("--tcp", action="store_true",
-                           help="listen for any number of editors on --host:--port")  # fmt: skip
+    transport.add_argument(
+        "--stdio", action="store_true", help="talk LSP over stdin/stdout (the default)"
+    )
+    transport.add_argument(
+        "--tcp", action="store_true", help="listen for any number of editors on --host:--port"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=2087,
-                        help="TCP port (default: 2087; 0 picks a free one)")  # fmt: skip
-    parser.add_argument("--token", default=os.environ.get("STARCODER_LSP_TOKEN"),
-                        help="secret clients must send as initializationOptions.token; "
-                        "required off loopback (default: $STARCODER_LSP_TOKEN)")  # fmt: skip
+    parser.add_argument(
+        "--port", type=int, default=2087, help="TCP port (default: 2087; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("STARCODER_LSP_TOKEN"),
+        help="secret clients must send as initializationOptions.token; "
+        "required off loopback (default: $STARCODER_LSP_TOKEN)",
+    )
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="stderr log level (default: INFO)")  # fmt: skip
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="stderr log level (default: INFO)",
+    )
     _add_model_options(parser)
     parser.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from starcoder_lsp import transport
-    from starcoder_lsp.completer import Settings
     from starcoder_lsp.server import Backend
+    from starcoder_lsp.settings import Settings
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.log_level != "DEBUG":
         # pygls logs every message whole at INFO: megabytes per keystroke in a large file.
         logging.getLogger("pygls").setLevel(logging.WARNING)
@@ -319,8 +368,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     elif args.tls_cert or args.tls_key or args.token:
         raise StarcoderError("--token and --tls-cert/--tls-key apply to --tcp only")
 
-    def load(progress: Callable[[int, int, str], None]) -> Completer:
-        return _load_completer(args, slots=args.cache_slots, warmup=True, progress=progress)
+    def load(progress: Progress) -> Completer:
+        return _build_completer(args, slots=args.cache_slots, warmup=True, progress=progress)
 
     backend = Backend(load, args.model, settings).start()
     try:

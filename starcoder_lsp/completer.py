@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from starcoder_lsp import docstring, postprocess
-from starcoder_lsp.checkpoint import SpecialTokens
-from starcoder_lsp.engine import Engine, Handle, Request, Result
 from starcoder_lsp.prompt import FimPrompt, PromptOptions, build_prompt, default_budgets
+from starcoder_lsp.request import Handle, Request, Result
 from starcoder_lsp.settings import Settings
+from starcoder_lsp.special_tokens import SpecialTokens
+
+if TYPE_CHECKING:  # the engine imports JAX; this module must not
+    from starcoder_lsp.engine import Engine
 
 DOCSTRING_TOKENS = 128  # at least this many new tokens for a docstring
 
@@ -32,6 +36,21 @@ class Suggestion:
     result: Result | None = None
     prompt: FimPrompt | None = None
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """One request for a suggestion: what travels from `start` to the finished Suggestion."""
+
+    document: Hashable
+    before: str  # the document's text before the cursor
+    after: str  # and after it
+    settings: Settings
+    multiline: bool
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 @dataclass
@@ -63,7 +82,7 @@ class Completer:
         self._shown: dict[Hashable, _Shown] = {}
 
     def options(self, settings: Settings, filename: str | None = None) -> PromptOptions:
-        context = self.engine.runner.max_len
+        context = self.engine.context
         prefix, suffix = default_budgets(context, settings.max_new_tokens)
         return PromptOptions(
             mode=settings.fim_mode,
@@ -82,42 +101,51 @@ class Completer:
     ) -> Pending:
         """Begin a suggestion for `cursor` in `text`; a newer one for the same document
         supersedes this one between two decode steps."""
-        start = time.perf_counter()
+        started = time.perf_counter()
         pending = Pending()
-        through = self._typed_through(document, text, cursor)
+        through = self._typed_through(document, text[:cursor], text[cursor:])
         if through is not None:
-            through.seconds = time.perf_counter() - start
+            through.seconds = time.perf_counter() - started
             pending.future.set_result(through)
             return pending
-        prompt = build_prompt(text, cursor, self.tokenizer, self.tokens,
-                              self.options(settings, filename))  # fmt: skip
-        multiline = self._multiline(settings, text, cursor)
+        options = self.options(settings, filename)
+        prompt = build_prompt(text, cursor, self.tokenizer, self.tokens, options)
+        before, after = text[:cursor], text[cursor:]
+        multiline = _multiline(settings, before, after)
+        ask = _Ask(document, before, after, settings, multiline, started)
         request = Request(
             prompt.ids,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
-            stop=self._stop_rule(text, cursor, multiline),
+            stop=_stop_rule(before, after, multiline),
             group=document,
         )
         pending.handle = self.engine.submit(request)
-        _resolve_with(pending, lambda result: self._suggestion(
-            document, text, cursor, prompt, result, multiline, settings, start))  # fmt: skip
+        _resolve_with(pending, lambda result: self._suggestion(ask, prompt, result))
         return pending
 
-    def complete(self, document: Hashable, text: str, cursor: int, settings: Settings,
-                 filename: str | None = None) -> Suggestion:  # fmt: skip
+    def complete(
+        self,
+        document: Hashable,
+        text: str,
+        cursor: int,
+        settings: Settings,
+        filename: str | None = None,
+    ) -> Suggestion:
         """The blocking form of `start`, for the CLI and benchmarks."""
         return self.start(document, text, cursor, settings, filename).future.result()
 
-    def docstring(self, document: Hashable, text: str, target: docstring.Target,
-                  settings: Settings) -> Pending:  # fmt: skip
+    def docstring(
+        self, document: Hashable, text: str, target: docstring.Target, settings: Settings
+    ) -> Pending:
         """Begin a docstring for `target`: the future resolves to a Suggestion whose text is
         the lines to insert before `target.body_line` ("" when the model wrote nothing)."""
         start = time.perf_counter()
         prefix, suffix = docstring.fim_split(text, target)
-        prompt = build_prompt(prefix + suffix, len(prefix), self.tokenizer, self.tokens,
-                              self.options(settings))  # fmt: skip
+        prompt = build_prompt(
+            prefix + suffix, len(prefix), self.tokenizer, self.tokens, self.options(settings)
+        )
         request = Request(
             prompt.ids,
             max_new_tokens=max(settings.max_new_tokens, DOCSTRING_TOKENS),
@@ -131,7 +159,8 @@ class Completer:
         def suggestion(result: Result) -> Suggestion:
             stopped = result.finish_reason in ("cancelled", "superseded")
             lines = "" if stopped else docstring.format_docstring(result.text, target.indent)
-            return Suggestion(lines, 0, False, result, prompt, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            return Suggestion(lines, result=result, prompt=prompt, seconds=seconds)
 
         _resolve_with(pending, suggestion)
         return pending
@@ -141,52 +170,29 @@ class Completer:
 
     # -- pieces --------------------------------------------------------------------------
 
-    @staticmethod
-    def _multiline(settings: Settings, text: str, cursor: int) -> bool:
-        if settings.multiline != "auto":
-            return settings.multiline == "always"
-        return postprocess.wants_multiline(text[:cursor], text[cursor:])
-
-    @staticmethod
-    def _stop_rule(text: str, cursor: int, multiline: bool) -> Callable[[str], bool]:
-        prefix, suffix = text[:cursor], text[cursor:]
-        if not multiline:
-            return lambda generated: "\n" in generated
-        # A block is complete once a later line has come back to the block's indentation.
-        return lambda generated: (
-            generated.count("\n") >= 2
-            and len(postprocess.cut_completion(generated, prefix, suffix, True).text)
-            < len(generated.rstrip())
-        )
-
-    def _suggestion(
-        self,
-        document: Hashable,
-        text: str,
-        cursor: int,
-        prompt: FimPrompt,
-        result: Result,
-        multiline: bool,
-        settings: Settings,
-        start: float,
-    ) -> Suggestion:
-        seconds = time.perf_counter() - start
+    def _suggestion(self, ask: _Ask, prompt: FimPrompt, result: Result) -> Suggestion:
+        seconds = ask.seconds()
         if result.finish_reason in ("cancelled", "superseded"):
-            return Suggestion("", 0, False, result, prompt, seconds)
-        cut = postprocess.cut_completion(result.text, text[:cursor], text[cursor:], multiline)
-        if not postprocess.acceptable(cut.text, settings.min_chars):
-            self._shown.pop(document, None)
-            return Suggestion("", 0, False, result, prompt, seconds)
-        suggestion = Suggestion(cut.text, cut.replace_suffix_chars, False, result, prompt, seconds)
-        self._shown[document] = _Shown(text[:cursor], text[cursor:], suggestion)
+            return Suggestion("", result=result, prompt=prompt, seconds=seconds)
+        cut = postprocess.cut_completion(result.text, ask.before, ask.after, ask.multiline)
+        if not postprocess.acceptable(cut.text, ask.settings.min_chars):
+            self._shown.pop(ask.document, None)
+            return Suggestion("", result=result, prompt=prompt, seconds=seconds)
+        suggestion = Suggestion(
+            cut.text,
+            replace_suffix_chars=cut.replace_suffix_chars,
+            result=result,
+            prompt=prompt,
+            seconds=seconds,
+        )
+        self._shown[ask.document] = _Shown(ask.before, ask.after, suggestion)
         return suggestion
 
-    def _typed_through(self, document: Hashable, text: str, cursor: int) -> Suggestion | None:
+    def _typed_through(self, document: Hashable, before: str, after: str) -> Suggestion | None:
         """When what was typed since the last suggestion is its beginning, the rest of it."""
         shown = self._shown.get(document)
         if shown is None:
             return None
-        before, after = text[:cursor], text[cursor:]
         shown_text = shown.suggestion.text
         replaced = shown.after[shown.suggestion.replace_suffix_chars :]
         if not before.startswith(shown.before) or after not in (shown.after, replaced):
@@ -196,8 +202,27 @@ class Completer:
             return None
         rest = shown_text[len(typed) :]
         covered = shown.suggestion.replace_suffix_chars if after == shown.after else 0
-        return replace(shown.suggestion, text=rest, replace_suffix_chars=covered,
-                       typed_through=True)  # fmt: skip
+        return replace(
+            shown.suggestion, text=rest, replace_suffix_chars=covered, typed_through=True
+        )
+
+
+def _multiline(settings: Settings, before: str, after: str) -> bool:
+    if settings.multiline != "auto":
+        return settings.multiline == "always"
+    return postprocess.wants_multiline(before, after)
+
+
+def _stop_rule(before: str, after: str, multiline: bool) -> Callable[[str], bool]:
+    """When the engine may stop: a single line ends at its newline; a block once a later line
+    has come back to the block's indentation."""
+    if not multiline:
+        return lambda generated: "\n" in generated
+    return lambda generated: (
+        generated.count("\n") >= 2
+        and len(postprocess.cut_completion(generated, before, after, True).text)
+        < len(generated.rstrip())
+    )
 
 
 def _resolve_with(pending: Pending, suggestion: Callable[[Result], Suggestion]) -> None:
@@ -205,11 +230,11 @@ def _resolve_with(pending: Pending, suggestion: Callable[[Result], Suggestion]) 
     the engine's error."""
 
     def finish(done: Future) -> None:
+        # Whatever goes wrong resolves the future: an exception raised in a done-callback
+        # would be swallowed and leave the editor waiting forever.
         try:
-            result = done.result()
+            pending.future.set_result(suggestion(done.result()))
         except Exception as e:
             pending.future.set_exception(e)
-            return
-        pending.future.set_result(suggestion(result))
 
     pending.handle.future.add_done_callback(finish)

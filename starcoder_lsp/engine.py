@@ -18,79 +18,59 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import jax
-import numpy as np
 
 from starcoder_lsp.cache import Lease, PrefixCache
-from starcoder_lsp.generate import Runner, Sampling
+from starcoder_lsp.progress import Progress
+from starcoder_lsp.request import Handle, Request, Result
+from starcoder_lsp.runner import Runner
+from starcoder_lsp.sampling import Sampling, split_key
+from starcoder_lsp.stopping import finish_reason
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Request:
-    ids: list[int]
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    # Stop once this returns True for the decoded text so far (e.g. a line is complete).
-    stop: Callable[[str], bool] | None = None
-    # A newer request with the same group supersedes this one (one per document).
-    group: Hashable | None = None
-
-
-@dataclass
-class Result:
-    tokens: list[int]
-    text: str
-    finish_reason: str  # stop | length | cancelled | superseded | error
-    prompt_tokens: int
-    reused_tokens: int
-    prefilled_tokens: int
-    queued_seconds: float
-    prefill_seconds: float
-    decode_seconds: float
-    decode_steps: int
-
-    @property
-    def seconds(self) -> float:
-        return self.queued_seconds + self.prefill_seconds + self.decode_seconds
-
-
-class Handle:
-    """A submitted request: `result()` blocks, `future` is awaitable via asyncio.wrap_future."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.future: Future[Result] = Future()
-        self.cancel_reason: str | None = None
-        self.submitted = time.perf_counter()
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        """Stop between decode steps; the result still arrives, with this finish_reason."""
-        self.cancel_reason = self.cancel_reason or reason
-
-    def result(self, timeout: float | None = None) -> Result:
-        return self.future.result(timeout)
+__all__ = ["Engine", "Handle", "Request", "Result"]
 
 
 @dataclass
 class _Row:
+    """A request being decoded, in the cache slot its lease pins."""
+
     handle: Handle
     lease: Lease
     written: list[int]  # token ids whose keys/values the slot holds
     generated: list[int] = field(default_factory=list)
+    queued_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_started: float = 0.0
     decode_steps: int = 0
-    queued_seconds: float = 0.0
+
+    def result(self, reason: str, text: str) -> Result:
+        request = self.handle.request
+        return Result(
+            tokens=self.generated,
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(request.ids),
+            reused_tokens=self.lease.reuse,
+            prefilled_tokens=len(request.ids) - self.lease.reuse,
+            queued_seconds=self.queued_seconds,
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=time.perf_counter() - self.decode_started,
+            decode_steps=self.decode_steps,
+        )
 
 
 class Engine:
+    """The scheduler between the server's connections and the runner; see the module doc.
+
+    decode: token ids → text (the tokenizer's), for stop rules and results; stop_ids: the
+    tokens that end a generation.
+    """
+
     def __init__(
         self,
         runner: Runner,
@@ -112,11 +92,14 @@ class Engine:
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="starcoder-engine", daemon=True)
 
+    @property
+    def context(self) -> int:
+        """Tokens a prompt and its completion may take together."""
+        return self.runner.max_len
+
     # -- life cycle ---------------------------------------------------------------------
 
-    def start(
-        self, progress: Callable[[int, int, str], None] | None = None, warmup: bool = True
-    ) -> Engine:
+    def start(self, progress: Progress | None = None, warmup: bool = True) -> Engine:
         """Compile every shape (reporting progress), then serve. Returns at once. Without
         warm-up (one-shot commands), each shape compiles when first needed."""
         self._progress = progress
@@ -141,16 +124,16 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # -- requests ----------------------------------------------------------------------------
 
     def submit(self, request: Request) -> Handle:
-        if not request.ids:
-            raise ValueError("a request needs at least one prompt token")
-        if len(request.ids) + request.max_new_tokens > self.runner.max_len:
-            raise ValueError(
-                f"{len(request.ids)} prompt tokens + {request.max_new_tokens} new tokens exceed "
-                f"the context of {self.runner.max_len}"
-            )
+        self.runner.check_fits(len(request.ids), request.max_new_tokens)
         handle = Handle(request)
         with self._cv:
             if self._closed:
@@ -207,7 +190,7 @@ class Engine:
                         return  # every slot is busy: wait for a row to finish
                 self._pending.popleft()
             if handle.cancel_reason is not None:
-                self._resolve(handle, [], handle.cancel_reason, 0, 0, 0.0, 0.0, 0)
+                self._resolve(handle, _never_started(handle, handle.cancel_reason))
                 continue
             self._prefill(handle, lease)
 
@@ -218,13 +201,12 @@ class Engine:
         rest = request.ids[lease.reuse :]
         try:
             logits, self._cache, _ = self.runner.prefill(self._cache, lease.slot, rest, lease.reuse)
-            first = self.runner.sample(logits, self._sampling([request]), self._next_key())
+            first = self.runner.sample(logits, _sampling([request]), self._next_key())
         except Exception:
             self.prefix_cache.discard(lease)
             raise
-        row = _Row(handle, lease, list(request.ids), [int(first[0])])
+        row = _Row(handle, lease, list(request.ids), [int(first[0])], queued_seconds=queued)
         row.prefill_seconds = time.perf_counter() - start
-        row.queued_seconds = queued
         row.decode_started = time.perf_counter()
         if not self._finish_if_done(row):
             self._active.append(row)
@@ -234,15 +216,13 @@ class Engine:
         self._active = rows
         if not rows:
             return
-        logits, self._cache = self.runner.decode(
-            self._cache,
-            [r.lease.slot for r in rows],
-            [r.generated[-1] for r in rows],
-            [len(r.written) for r in rows],
-        )
-        sampling = self.runner.pad_sampling(self._sampling([r.handle.request for r in rows]),
-                                            len(rows))  # fmt: skip
-        next_tokens = self.runner.sample(logits, sampling, self._next_key())
+        slots = [r.lease.slot for r in rows]
+        tokens = [r.generated[-1] for r in rows]
+        positions = [len(r.written) for r in rows]
+        logits, self._cache = self.runner.decode(self._cache, slots, tokens, positions)
+        sampling = _sampling([r.handle.request for r in rows])
+        padded = self.runner.pad_sampling(sampling, len(rows))
+        next_tokens = self.runner.sample(logits, padded, self._next_key())
         still = []
         for row, token in zip(rows, next_tokens, strict=False):
             row.written.append(row.generated[-1])
@@ -262,47 +242,24 @@ class Engine:
 
     def _finish_if_done(self, row: _Row) -> bool:
         request = row.handle.request
-        stopped_by_text = request.stop is not None and request.stop(self._text(row.generated))
-        if row.generated[-1] in self._stop_ids or stopped_by_text:
-            reason = "stop"
-        elif len(row.generated) >= request.max_new_tokens:
-            reason = "length"
-        elif row.handle.cancel_reason is not None:
-            reason = row.handle.cancel_reason
-        else:
+        by_text = None
+        if request.stop is not None:
+            by_text = lambda: request.stop(self._text(row.generated))
+        reason = finish_reason(row.generated, request.max_new_tokens, self._stop_ids, by_text)
+        reason = reason or row.handle.cancel_reason
+        if reason is None:
             return False
         self._finish(row, reason)
         return True
 
     def _finish(self, row: _Row, reason: str) -> None:
         self.prefix_cache.release(row.lease, row.written)
-        decode_seconds = time.perf_counter() - row.decode_started
-        self._resolve(
-            row.handle, row.generated, reason, row.lease.reuse,
-            len(row.handle.request.ids) - row.lease.reuse, row.prefill_seconds, decode_seconds,
-            row.decode_steps, row.queued_seconds,
-        )  # fmt: skip
+        self._resolve(row.handle, row.result(reason, self._text(row.generated)))
 
-    def _resolve(
-        self,
-        handle: Handle,
-        generated: list[int],
-        reason: str,
-        reused: int,
-        prefilled: int,
-        prefill_seconds: float,
-        decode_seconds: float,
-        steps: int,
-        queued: float | None = None,
-    ) -> None:
+    def _resolve(self, handle: Handle, result: Result) -> None:
         with self._cv:
             if self._groups.get(handle.request.group) is handle:
                 del self._groups[handle.request.group]
-        queued = time.perf_counter() - handle.submitted if queued is None else queued
-        result = Result(
-            generated, self._text(generated), reason, len(handle.request.ids), reused,
-            prefilled, queued, prefill_seconds, decode_seconds, steps,
-        )  # fmt: skip
         if not handle.future.done():
             handle.future.set_result(result)
 
@@ -326,13 +283,31 @@ class Engine:
     def _text(self, generated: Sequence[int]) -> str:
         return self._decode_text([t for t in generated if t not in self._stop_ids])
 
-    def _sampling(self, requests: Sequence[Request]) -> Sampling:
-        return Sampling(
-            np.array([r.temperature for r in requests], np.float32),
-            np.array([r.top_p for r in requests], np.float32),
-            np.array([r.top_k for r in requests], np.int32),
-        )
-
     def _next_key(self) -> jax.Array:
-        self._key, sub = jax.random.split(self._key)
+        self._key, sub = split_key(self._key)
         return sub
+
+
+def _sampling(requests: Sequence[Request]) -> Sampling:
+    return Sampling.rows(
+        [r.temperature for r in requests],
+        [r.top_p for r in requests],
+        [r.top_k for r in requests],
+        batch=len(requests),
+    )
+
+
+def _never_started(handle: Handle, reason: str) -> Result:
+    """The result of a request stopped before it left the queue."""
+    return Result(
+        tokens=[],
+        text="",
+        finish_reason=reason,
+        prompt_tokens=len(handle.request.ids),
+        reused_tokens=0,
+        prefilled_tokens=0,
+        queued_seconds=time.perf_counter() - handle.submitted,
+        prefill_seconds=0.0,
+        decode_seconds=0.0,
+        decode_steps=0,
+    )

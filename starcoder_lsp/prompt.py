@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-if TYPE_CHECKING:  # checkpoint imports JAX; this module must not
-    from starcoder_lsp.checkpoint import SpecialTokens
+if TYPE_CHECKING:
+    from starcoder_lsp.special_tokens import SpecialTokens
 
 FimMode = Literal["spm", "psm"]
 FIM_MODES: tuple[str, ...] = ("spm", "psm")
@@ -336,11 +336,23 @@ def build_prompt(
         text, cursor, options.suffix_tokens, _step(options, options.suffix_tokens), counter
     )
     if options.mode == "psm":
-        ids = [*header, tokens.fim_prefix, *prefix_ids, tokens.fim_suffix, *suffix_ids,
-               tokens.fim_middle]  # fmt: skip
+        ids = [
+            *header,
+            tokens.fim_prefix,
+            *prefix_ids,
+            tokens.fim_suffix,
+            *suffix_ids,
+            tokens.fim_middle,
+        ]
     else:
-        ids = [*header, tokens.fim_prefix, tokens.fim_suffix, *suffix_ids, tokens.fim_middle,
-               *prefix_ids]  # fmt: skip
+        ids = [
+            *header,
+            tokens.fim_prefix,
+            tokens.fim_suffix,
+            *suffix_ids,
+            tokens.fim_middle,
+            *prefix_ids,
+        ]
     return FimPrompt(ids, text[start:cursor], text[cursor:end], start, end, options.mode)
 
 

@@ -11,11 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import sysconfig
-import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,44 +20,11 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig
 
 from starcoder_lsp.config import ModelConfig
-from starcoder_lsp.errors import CheckpointError, TokenizerError
-
-# StarCoder's special tokens, in the order that gives them ids 0..18 (shared/STARCODER.md).
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<fim_prefix>",
-    "<fim_middle>",
-    "<fim_suffix>",
-    "<fim_pad>",
-    "<filename>",
-    "<gh_stars>",
-    "<issue_start>",
-    "<issue_comment>",
-    "<issue_closed>",
-    "<jupyter_start>",
-    "<jupyter_text>",
-    "<jupyter_code>",
-    "<jupyter_output>",
-    "<empty_output>",
-    "<commit_before>",
-    "<commit_msg>",
-    "<commit_after>",
-    "<reponame>",
-)
-ENDOFTEXT = SPECIAL_TOKENS[0]
-
-# Bump when the training recipe changes so that stale cached tokenizers are not reused.
-TOKENIZER_RECIPE_VERSION = 2
-# Enough text for the merges of a vocabulary this size: a 1024-token vocabulary trains on
-# ~1 MB in half a second; 49152 tokens want the whole standard library (~30 MB, ~10 s).
-TRAINING_BYTES_PER_TOKEN = 1000
-MIN_TRAINING_BYTES = 250_000
-# Every byte must be a token, or byte-level BPE cannot encode arbitrary text.
-MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+from starcoder_lsp.errors import CheckpointError
+from starcoder_lsp.random_tokenizer import progress_line, train_tokenizer
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
@@ -73,169 +36,6 @@ PROGRESS_MIN_BYTES = 256 * 1024**2
 MAX_GENERATION_THREADS = 8
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# --- tokenizer ---------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """`$STARCODER_LSP_CACHE`, else `~/.cache/starcoder-lsp`."""
-    env = os.environ.get("STARCODER_LSP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "starcoder-lsp"
-
-
-def stdlib_sources() -> list[Path]:
-    """The standard library's own .py files, sorted so that training is deterministic."""
-    root = sysconfig.get_paths()["stdlib"]
-    sources = []
-    for folder, subfolders, files in os.walk(root):
-        # Third-party packages may live under the stdlib directory, and differ between
-        # machines; pruning them here also spares walking hundreds of megabytes.
-        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]
-        sources += [Path(folder, name) for name in files if name.endswith(".py")]
-    return sorted(sources)
-
-
-def _take_bytes(paths: list[Path], budget: int) -> list[Path]:
-    taken, total = [], 0
-    for path in paths:
-        if total >= budget:
-            break
-        taken.append(path)
-        total += path.stat().st_size
-    return taken
-
-
-def _read_texts(paths: list[Path]) -> Iterator[str]:
-    for path in paths:
-        # A few stdlib test files are deliberately not UTF-8; any text will do for training.
-        yield path.read_text(encoding="utf-8", errors="replace")
-
-
-def _new_bpe() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    # StarCoder's tokenizer.json: every digit on its own, then GPT-2's byte-level split.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-        ]
-    )
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _train_bpe(vocab_size: int, paths: list[Path]) -> Tokenizer:
-    tokenizer = _new_bpe()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        # Listed first, so they get ids 0..18 in this order.
-        special_tokens=list(SPECIAL_TOKENS),
-        # All 256 bytes, so that any text (emoji, accents) encodes without an unknown token.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_read_texts(paths), trainer, length=len(paths))
-    return tokenizer
-
-
-def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=ENDOFTEXT,
-        eos_token=ENDOFTEXT,
-        unk_token=ENDOFTEXT,
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-        # transformers' default clean-up rewrites " ." as "." on decode, which breaks code.
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def _train(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train on a prefix of the sorted stdlib, widening to all of it if merges run out."""
-    sources = stdlib_sources()
-    subset = _take_bytes(sources, max(MIN_TRAINING_BYTES, vocab_size * TRAINING_BYTES_PER_TOKEN))
-    attempts = [subset] if len(subset) == len(sources) else [subset, sources]
-    for paths in attempts:
-        megabytes = sum(p.stat().st_size for p in paths) / 1e6
-        _progress(
-            f"training a {vocab_size}-token byte-level BPE tokenizer on {len(paths)} "
-            f"standard-library files ({megabytes:.1f} MB)..."
-        )
-        start = time.perf_counter()
-        tokenizer = _train_bpe(vocab_size, paths)
-        _progress(f"trained the tokenizer in {time.perf_counter() - start:.1f} s")
-        if tokenizer.get_vocab_size() == vocab_size:
-            return _wrap(tokenizer)
-    raise TokenizerError(
-        f"the standard library at {sysconfig.get_paths()['stdlib']} has too little text for "
-        f"a {vocab_size}-token vocabulary (training made {tokenizer.get_vocab_size()} tokens)"
-    )
-
-
-def _cache_entry(cache_dir: Path, vocab_size: int) -> Path:
-    # The stdlib, hence the merges, differ between Python versions.
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_dir / f"tokenizer-v{TOKENIZER_RECIPE_VERSION}-{python}-{vocab_size}"
-
-
-def _load_cached(entry: Path, vocab_size: int) -> PreTrainedTokenizerFast | None:
-    if not (entry / "tokenizer.json").is_file():
-        return None
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(entry)
-    except Exception:  # whatever is wrong with a damaged entry, retraining fixes it
-        return None
-    # from_pretrained records how it loaded (transformers 5.24: is_local, local_files_only)
-    # in init_kwargs, which save_pretrained writes out: a model's tokenizer_config.json would
-    # then differ by whether its tokenizer was just trained or came from this cache.
-    for loading_option in ("is_local", "local_files_only"):
-        tokenizer.init_kwargs.pop(loading_option, None)
-    return tokenizer if len(tokenizer) == vocab_size else None
-
-
-def _store(tokenizer: PreTrainedTokenizerFast, entry: Path) -> None:
-    """Save next to the entry, then rename: a reader never sees a half-written tokenizer."""
-    staging = None
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(staging, entry)
-    except OSError as e:
-        # Another process stored it first, or the cache is read-only: the tokenizer in hand
-        # is still good, this machine just trains it again next time.
-        _progress(f"could not cache the tokenizer at {entry}: {e}")
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def train_tokenizer(vocab_size: int, cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
-    """A StarCoder-style byte-level BPE tokenizer of exactly `vocab_size` tokens.
-
-    Ids 0..18 are StarCoder's special tokens in StarCoder's order; bos = eos = unk =
-    `<|endoftext|>`; no pad token. Trained on the standard library's sources and cached under
-    `cache_dir` (default: `default_cache_dir()`), so each size is trained once per machine.
-    """
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise TokenizerError(
-            f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
-            f"{MIN_VOCAB_SIZE} tokens ({len(SPECIAL_TOKENS)} special tokens and 256 bytes)"
-        )
-    entry = _cache_entry(Path(cache_dir) if cache_dir else default_cache_dir(), vocab_size)
-    cached = _load_cached(entry, vocab_size)
-    if cached is not None:
-        return cached
-    tokenizer = _train(vocab_size)
-    _store(tokenizer, entry)
-    return tokenizer
 
 
 # --- weights -----------------------------------------------------------------------------
@@ -382,7 +182,7 @@ def _write_weights(
             save_file(tensors, directory / filename, metadata={"format": "pt"})
             if verbose:
                 size = sum(t.nbytes for t in tensors.values()) / 1e9
-                _progress(
+                progress_line(
                     f"wrote {filename} ({number}/{len(shards)}, {size:.2f} GB, "
                     f"{time.perf_counter() - start:.0f} s)"
                 )

@@ -95,8 +95,13 @@ async def _serve(
         server.close_connection = close
         server.protocol.set_writer(writer)
         try:
-            await run_async(stop_event=stop, reader=reader, protocol=server.protocol,
-                            logger=log, error_handler=server.report_server_error)  # fmt: skip
+            await run_async(
+                stop_event=stop,
+                reader=reader,
+                protocol=server.protocol,
+                logger=log,
+                error_handler=server.report_server_error,
+            )
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as e:
             log.info("connection %d lost: %s", server.connection, e)
         finally:

@@ -71,27 +71,50 @@ class WireClient:
             self.notifications.append(message)
         return message
 
-    async def initialize(self, options: dict[str, Any] | None = None,
-                         encodings: list[str] | None = None) -> dict:  # fmt: skip
+    async def initialize(
+        self, options: dict[str, Any] | None = None, encodings: list[str] | None = None
+    ) -> dict:
         general = {"positionEncodings": encodings} if encodings else {}
-        reply = await self.request("initialize", {
-            "processId": None, "rootUri": None, "initializationOptions": options or {},
-            "capabilities": {"general": general, "window": {"workDoneProgress": True},
-                             "workspace": {"applyEdit": True}},
-        })  # fmt: skip
+        reply = await self.request(
+            "initialize",
+            {
+                "processId": None,
+                "rootUri": None,
+                "initializationOptions": options or {},
+                "capabilities": {
+                    "general": general,
+                    "window": {"workDoneProgress": True},
+                    "workspace": {"applyEdit": True},
+                },
+            },
+        )
         if "result" in reply:
             await self.notify("initialized", {})
         return reply
 
     async def open(self, uri: str, text: str, version: int = 1) -> None:
-        await self.notify("textDocument/didOpen", {"textDocument": {
-            "uri": uri, "languageId": "python", "version": version, "text": text}})  # fmt: skip
+        await self.notify(
+            "textDocument/didOpen",
+            {
+                "textDocument": {
+                    "uri": uri,
+                    "languageId": "python",
+                    "version": version,
+                    "text": text,
+                }
+            },
+        )
 
     async def inline(self, uri: str, line: int, character: int, timeout: float = 60) -> dict:
-        return await self.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
-            "context": {"triggerKind": 2},
-        }, timeout)  # fmt: skip
+        return await self.request(
+            "textDocument/inlineCompletion",
+            {
+                "textDocument": {"uri": uri},
+                "position": {"line": line, "character": character},
+                "context": {"triggerKind": 2},
+            },
+            timeout,
+        )
 
     async def wait_ready(self, timeout: float = 120) -> dict:
         async with asyncio.timeout(timeout):

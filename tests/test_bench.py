@@ -11,15 +11,26 @@ from starcoder_lsp.generate import GENERATOR_STEPS_PER_CALL
 
 
 def test_bench_measures_every_row_on_both_sides(tiny_mqa_dir):
-    report = bench.run(str(tiny_mqa_dir), prefill_lengths=(16, 100), batches=(1, 2), repeats=1,
-                       log=lambda message: None)  # fmt: skip
+    report = bench.run(
+        str(tiny_mqa_dir),
+        prefill_lengths=(16, 100),
+        batches=(1, 2),
+        repeats=1,
+        log=lambda message: None,
+    )
     rows = {row.name: row for row in report.rows}
     expected = [
-        "load", "compile all shapes (warm-up)", "prefill 16 tokens", "prefill 100 tokens",
-        "read bandwidth", "decode floor: param bytes ÷ bandwidth", "decode batch 1, per step",
-        "decode batch 2, per step", "decode batch 1, one step per call",
+        "load",
+        "compile all shapes (warm-up)",
+        "prefill 16 tokens",
+        "prefill 100 tokens",
+        "read bandwidth",
+        "decode floor: param bytes ÷ bandwidth",
+        "decode batch 1, per step",
+        "decode batch 2, per step",
+        "decode batch 1, one step per call",
         "decode batch 2, one step per call",
-    ]  # fmt: skip
+    ]
     assert list(rows) == expected
     for name, row in rows.items():
         assert row.ours is not None and math.isfinite(row.ours) and row.ours > 0, name

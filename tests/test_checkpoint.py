@@ -67,8 +67,13 @@ def test_special_tokens_are_looked_up_by_name(tiny_mqa_dir):
 def test_santacoder_spelling_is_found():
     class Fake:
         def get_vocab(self) -> dict[str, int]:
-            return {"<|endoftext|>": 49152, "<fim-prefix>": 49153, "<fim-middle>": 49154,
-                    "<fim-suffix>": 49155, "<fim-pad>": 49156}  # fmt: skip
+            return {
+                "<|endoftext|>": 49152,
+                "<fim-prefix>": 49153,
+                "<fim-middle>": 49154,
+                "<fim-suffix>": 49155,
+                "<fim-pad>": 49156,
+            }
 
     tokens = checkpoint.special_tokens(Fake())
     assert (tokens.fim_prefix, tokens.fim_middle, tokens.fim_suffix) == (49153, 49154, 49155)
@@ -157,9 +162,15 @@ def test_unreachable_hub_id(monkeypatch):
 
 def test_config_aliases_and_defaults():
     config = ModelConfig.from_hf_dict(
-        {"model_type": "gpt_bigcode", "hidden_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "vocab_size": 100, "n_inner": None}
-    )  # fmt: skip
+        {
+            "model_type": "gpt_bigcode",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 100,
+            "n_inner": None,
+        }
+    )
     assert (config.n_embd, config.n_layer, config.n_head) == (64, 2, 4)
     assert config.inner_dim == 256  # n_inner null means 4·n_embd
     with pytest.raises(CheckpointError, match="not supported"):

@@ -16,9 +16,20 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_complete_prints_the_suggestion_and_its_json(tmp_path, tiny_mqa_dir):
     source = tmp_path / "example.py"
     source.write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, \n")
-    common = ["complete", str(source), "--line", "4", "--character", "13",
-              "--model", str(tiny_mqa_dir), "--max-new-tokens", "6",
-              "--compilation-cache", "off"]  # fmt: skip
+    common = [
+        "complete",
+        str(source),
+        "--line",
+        "4",
+        "--character",
+        "13",
+        "--model",
+        str(tiny_mqa_dir),
+        "--max-new-tokens",
+        "6",
+        "--compilation-cache",
+        "off",
+    ]
     as_json = _cli(*common, "--json")
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
@@ -34,8 +45,9 @@ def test_complete_prints_the_suggestion_and_its_json(tmp_path, tiny_mqa_dir):
 def test_complete_rejects_a_position_outside_the_file(tmp_path, tiny_mqa_dir):
     source = tmp_path / "short.py"
     source.write_text("x = 1\n")
-    result = _cli("complete", str(source), "--line", "9", "--character", "0",
-                  "--model", str(tiny_mqa_dir))  # fmt: skip
+    result = _cli(
+        "complete", str(source), "--line", "9", "--character", "0", "--model", str(tiny_mqa_dir)
+    )
     assert result.returncode == 2
     assert "error: line 9 is outside the file" in result.stderr
     assert "Traceback" not in result.stderr
@@ -44,6 +56,14 @@ def test_complete_rejects_a_position_outside_the_file(tmp_path, tiny_mqa_dir):
 def test_complete_with_a_missing_model_says_so(tmp_path):
     source = tmp_path / "a.py"
     source.write_text("x = 1\n")
-    result = _cli("complete", str(source), "--line", "0", "--character", "0",
-                  "--model", str(tmp_path / "nowhere"))  # fmt: skip
+    result = _cli(
+        "complete",
+        str(source),
+        "--line",
+        "0",
+        "--character",
+        "0",
+        "--model",
+        str(tmp_path / "nowhere"),
+    )
     assert result.returncode == 2 and "no checkpoint directory" in result.stderr

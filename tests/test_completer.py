@@ -21,8 +21,9 @@ def ckpt(tiny_mqa_dir):
 
 
 def _completer(ckpt, prefix_cache: bool) -> Completer:
-    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=2,
-                    chunks=(4, 16, 64), batches=(1, 2))  # fmt: skip
+    runner = Runner(
+        ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=2, chunks=(4, 16, 64), batches=(1, 2)
+    )
     engine = Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids, prefix_cache)
     engine.start()
     assert engine.ready.wait(120)
@@ -53,8 +54,11 @@ def test_suggestions_with_and_without_the_cache_are_identical(ckpt, mode):
             ]
         finally:
             completer.engine.close()
-    model_made = [(a, b) for a, b in zip(runs[True], runs[False], strict=True)
-                  if not a.typed_through and not b.typed_through]  # fmt: skip
+    model_made = [
+        (a, b)
+        for a, b in zip(runs[True], runs[False], strict=True)
+        if not a.typed_through and not b.typed_through
+    ]
     assert len(model_made) > 20
     assert [a.result.tokens for a, _ in model_made] == [b.result.tokens for _, b in model_made]
     assert [a.text for a in runs[True]] == [b.text for b in runs[False]]
@@ -77,14 +81,16 @@ def test_typing_through_a_suggestion_answers_without_the_model(ckpt):
             text, cursor = text[:cursor] + "x" + text[cursor:], cursor + 1
         assert len(first.text) >= 2, "the test model never suggested anything"
         typed = first.text[0]
-        after = completer.complete("doc", text[:cursor] + typed + text[cursor:], cursor + 1,
-                                   settings)  # fmt: skip
+        after = completer.complete(
+            "doc", text[:cursor] + typed + text[cursor:], cursor + 1, settings
+        )
         assert after.typed_through and after.text == first.text[1:]
         requests = completer.engine.prefix_cache.stats.requests
         # Typing something else asks the model again.
         other = "\x01" if first.text[0] != "\x01" else "\x02"
-        again = completer.complete("doc", text[:cursor] + other + text[cursor:], cursor + 1,
-                                   settings)  # fmt: skip
+        again = completer.complete(
+            "doc", text[:cursor] + other + text[cursor:], cursor + 1, settings
+        )
         assert not again.typed_through
         assert completer.engine.prefix_cache.stats.requests == requests + 1
     finally:
@@ -95,8 +101,7 @@ def test_a_newer_keystroke_supersedes_the_older_request(ckpt):
     completer = _completer(ckpt, True)
     try:
         (text1, cur1), (text2, cur2) = _typing(50, 2)
-        slow = completer.start("doc", text1, cur1, Settings(max_new_tokens=400,
-                                                             multiline="always"))  # fmt: skip
+        slow = completer.start("doc", text1, cur1, Settings(max_new_tokens=400, multiline="always"))
         fast = completer.start("doc", text2, cur2, SETTINGS)
         older = slow.future.result(60)
         assert older.text == "" and older.result.finish_reason in ("superseded", "stop")

@@ -1,15 +1,22 @@
-"""The engine: batching across requests, prefix reuse, cancellation, supersession."""
+"""The engine: batching across requests, prefix reuse, cancellation, supersession.
+
+The scheduling tests run on a scripted runner whose tokens are worked out by hand and whose
+decode steps the test releases one by one; the rest run the test checkpoint."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from scripted_runner import ScriptedRunner
 
 from starcoder_lsp import checkpoint
 from starcoder_lsp.engine import Engine, Request
-from starcoder_lsp.generate import Generator, Runner
+from starcoder_lsp.generator import Generator
+from starcoder_lsp.runner import Runner
 
 
 @pytest.fixture(scope="module")
@@ -17,32 +24,126 @@ def ckpt(tiny_mqa_dir):
     return checkpoint.load(tiny_mqa_dir)
 
 
-def _engine(ckpt, prefix_cache: bool = True, slots: int = 3) -> Engine:
-    runner = Runner(ckpt.config, ckpt.params, ckpt.mesh, ckpt.dtype, slots=slots,
-                    chunks=(4, 16, 64), batches=(1, 2))  # fmt: skip
+@contextmanager
+def running(engine: Engine) -> Iterator[Engine]:
+    with engine:
+        engine.start()
+        assert engine.ready.wait(120)
+        yield engine
+
+
+def model_engine(ckpt, prefix_cache: bool = True, slots: int = 3) -> Engine:
+    runner = Runner.from_checkpoint(ckpt, slots=slots, chunks=(4, 16, 64), batches=(1, 2))
     # No stop tokens, so that every comparison runs all max_new_tokens.
-    engine = Engine(runner, ckpt.tokenizer.decode, stop_ids=[], prefix_cache=prefix_cache)
-    engine.start()
-    assert engine.ready.wait(120)
-    return engine
+    return Engine(runner, ckpt.tokenizer.decode, stop_ids=[], prefix_cache=prefix_cache)
+
+
+def scripted_engine(runner: ScriptedRunner, stop_ids: tuple[int, ...] = ()) -> Engine:
+    return Engine(runner, lambda ids: " ".join(map(str, ids)), stop_ids)
 
 
 def _prompt(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(20, 1000, n).tolist()
 
 
+# --- scheduling, on the scripted runner ------------------------------------------------------
+
+
+def test_tokens_follow_the_script_and_stop_on_a_stop_token():
+    with running(scripted_engine(ScriptedRunner(), stop_ids=(12,))) as engine:
+        result = engine.generate(Request([5, 6, 7], max_new_tokens=4), timeout=10)
+        assert result.tokens == [8, 9, 10, 11] and result.finish_reason == "length"
+        assert result.text == "8 9 10 11"
+        stopped = engine.generate(Request([9], max_new_tokens=8), timeout=10)
+        assert stopped.tokens == [10, 11, 12] and stopped.finish_reason == "stop"
+        assert stopped.text == "10 11"  # the stop token is not part of the text
+
+
+def test_requests_decode_together_and_wait_for_a_free_slot():
+    runner = ScriptedRunner(slots=2)
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        first = engine.submit(Request([1], max_new_tokens=3))
+        runner.wait_for_step()  # decoding [1]'s second token, alone
+        second = engine.submit(Request([20], max_new_tokens=3))
+        third = engine.submit(Request([40], max_new_tokens=2))
+        runner.run_freely()
+        results = [h.result(10) for h in (first, second, third)]
+    assert [r.tokens for r in results] == [[2, 3, 4], [21, 22, 23], [41, 42]]
+    decodes = [call.tokens for call in runner.calls if call.kind == "decode"]
+    # [1] alone, then [1] beside [20]; [40] waits for the first slot to free.
+    assert decodes[:2] == [[2], [3, 21]]
+    assert [call.tokens for call in runner.calls if call.kind == "prefill"] == [[1], [20], [40]]
+    assert decodes[2:] == [[22, 41]]
+
+
+def test_cancel_stops_between_two_steps():
+    runner = ScriptedRunner()
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        handle = engine.submit(Request([1], max_new_tokens=50))
+        runner.wait_for_step()
+        runner.release()
+        runner.wait_for_step()  # inside the second decode step
+        handle.cancel()
+        runner.release()
+        result = handle.result(10)
+    # The first token came from prefill, two from the decode steps that ran.
+    assert result.finish_reason == "cancelled" and result.tokens == [2, 3, 4]
+
+
+def test_a_request_cancelled_in_the_queue_never_runs():
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        busy = engine.submit(Request([1], max_new_tokens=3))
+        runner.wait_for_step()
+        queued = engine.submit(Request([30], max_new_tokens=3))
+        queued.cancel()
+        runner.run_freely()
+        result = queued.result(10)
+        assert busy.result(10).finish_reason == "length"
+    assert result.finish_reason == "cancelled" and result.tokens == []
+    assert [30] not in [call.tokens for call in runner.calls]
+
+
+def test_a_newer_request_of_the_same_group_supersedes_the_older():
+    runner = ScriptedRunner()
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        old = engine.submit(Request([1], max_new_tokens=50, group="doc"))
+        runner.wait_for_step()
+        new = engine.submit(Request([1, 2, 3], max_new_tokens=2, group="doc"))
+        other = engine.submit(Request([7], max_new_tokens=2, group="other"))
+        runner.run_freely()
+        assert old.result(10).finish_reason == "superseded"
+        assert old.result().tokens == [2, 3]
+        assert new.result(10).tokens == [4, 5] and new.result().finish_reason == "length"
+        assert other.result(10).tokens == [8, 9]
+
+
+def test_the_prefix_cache_reuses_exactly_what_a_slot_holds():
+    runner = ScriptedRunner(slots=1)
+    with running(scripted_engine(runner)) as engine:
+        engine.generate(Request([5, 6, 7], max_new_tokens=3), timeout=10)  # the slot: 5..9
+        again = engine.generate(Request([5, 6, 7, 8, 9, 10], max_new_tokens=2), timeout=10)
+    # 5, 6, 7 and the generated 8, 9 were written (10 was sampled, never run).
+    assert again.reused_tokens == 5 and again.prefilled_tokens == 1
+    assert runner.calls[-2].kind == "prefill" and runner.calls[-2].start == [5]
+
+
+# --- on the test checkpoint ----------------------------------------------------------------
+
+
 def test_engine_matches_the_generator(ckpt):
-    engine = _engine(ckpt)
     generator = Generator(ckpt, chunks=(8,))
     generator.tokens = checkpoint.SpecialTokens(-1, -2, -3, -4, None, None, None)
-    try:
+    with running(model_engine(ckpt)) as engine:
         for seed in range(3):
             prompt = _prompt(30 + seed * 7, seed)
             result = engine.generate(Request(prompt, max_new_tokens=10), timeout=60)
             assert result.tokens == generator.generate([prompt], 10)[0].tokens
             assert result.finish_reason == "length"
-    finally:
-        engine.close()
 
 
 def test_prefix_cache_gives_identical_output_and_prefills_only_the_new_tokens(ckpt):
@@ -51,13 +152,10 @@ def test_prefix_cache_gives_identical_output_and_prefills_only_the_new_tokens(ck
     growing = [base + _prompt(k, 2)[:k] for k in range(1, 12, 2)]
     outputs = {}
     for cached in (True, False):
-        engine = _engine(ckpt, prefix_cache=cached)
-        try:
+        with running(model_engine(ckpt, prefix_cache=cached)) as engine:
             outputs[cached] = [
                 engine.generate(Request(p, max_new_tokens=6), timeout=60) for p in growing
             ]
-        finally:
-            engine.close()
     assert [r.tokens for r in outputs[True]] == [r.tokens for r in outputs[False]]
     assert [r.prefilled_tokens for r in outputs[False]] == [len(p) for p in growing]
     later = outputs[True][1:]
@@ -67,20 +165,16 @@ def test_prefix_cache_gives_identical_output_and_prefills_only_the_new_tokens(ck
 
 
 def test_more_requests_than_slots_all_finish_and_match_alone(ckpt):
-    engine = _engine(ckpt, slots=2)
-    try:
+    with running(model_engine(ckpt, slots=2)) as engine:
         prompts = [_prompt(10 + 5 * i, 10 + i) for i in range(5)]
         alone = [engine.generate(Request(p, max_new_tokens=5), timeout=60).tokens for p in prompts]
         handles = [engine.submit(Request(p, max_new_tokens=5)) for p in prompts]
         together = [h.result(60).tokens for h in handles]
-    finally:
-        engine.close()
     assert together == alone
 
 
 def test_newer_request_supersedes_older_of_the_same_group(ckpt):
-    engine = _engine(ckpt)
-    try:
+    with running(model_engine(ckpt)) as engine:
         old = engine.submit(Request(_prompt(40, 3), max_new_tokens=200, group="doc"))
         new = engine.submit(Request(_prompt(41, 3), max_new_tokens=3, group="doc"))
         other = engine.submit(Request(_prompt(20, 4), max_new_tokens=3, group="other"))
@@ -88,58 +182,44 @@ def test_newer_request_supersedes_older_of_the_same_group(ckpt):
         assert len(old.result().tokens) < 200
         assert new.result(60).finish_reason == "length"
         assert other.result(60).finish_reason == "length"
-    finally:
-        engine.close()
 
 
 def test_cancel_stops_between_steps_and_the_slot_stays_reusable(ckpt):
-    engine = _engine(ckpt)
-    try:
+    with running(model_engine(ckpt)) as engine:
         prompt = _prompt(50, 5)
         early = engine.submit(Request(prompt, max_new_tokens=400))
         early.cancel()  # most likely still queued: then it never runs
         assert early.result(60).finish_reason == "cancelled"
 
         started = threading.Event()
-        running = engine.submit(
+        running_request = engine.submit(
             Request(prompt, max_new_tokens=400, stop=lambda _: started.set() or False)
         )
         assert started.wait(60)  # it is decoding now
-        running.cancel()
-        result = running.result(60)
+        running_request.cancel()
+        result = running_request.result(60)
         assert result.finish_reason == "cancelled" and len(result.tokens) < 400
         # What it wrote stays valid: the same prompt reuses all of it but the last token.
         again = engine.generate(Request(prompt, max_new_tokens=2), timeout=60)
         assert again.reused_tokens == len(prompt) - 1
-    finally:
-        engine.close()
 
 
 def test_cache_memory_is_reported(ckpt):
-    engine = _engine(ckpt, slots=3)
-    try:
+    with running(model_engine(ckpt, slots=3)) as engine:
         c = ckpt.config
         expected = 3 * c.n_layer * 2 * c.n_positions * c.kv_heads * c.head_dim * 4
         assert engine.runner.cache_bytes == expected
         assert f"3 slots × {c.n_positions} positions" in engine.describe()
-    finally:
-        engine.close()
 
 
 def test_stop_rule_and_bad_requests(ckpt):
-    engine = _engine(ckpt)
-    try:
+    with running(model_engine(ckpt)) as engine:
         free = engine.generate(Request(_prompt(20, 6), max_new_tokens=8), timeout=60)
         target = free.text[: max(1, len(free.text) // 2)]
-        stopped = engine.generate(
-            Request(_prompt(20, 6), max_new_tokens=8, stop=lambda text: text.startswith(target)
-                    and len(text) >= len(target)),
-            timeout=60,
-        )  # fmt: skip
+        stop = lambda text: text.startswith(target) and len(text) >= len(target)
+        stopped = engine.generate(Request(_prompt(20, 6), max_new_tokens=8, stop=stop), 60)
         assert stopped.finish_reason == "stop" and len(stopped.tokens) <= len(free.tokens)
         with pytest.raises(ValueError, match="at least one"):
             engine.submit(Request([]))
         with pytest.raises(ValueError, match="exceed the context"):
             engine.submit(Request(_prompt(500), max_new_tokens=100))
-    finally:
-        engine.close()

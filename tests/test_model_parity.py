@@ -96,9 +96,13 @@ def test_cached_keys_beyond_the_row_length_are_ignored(pair):
     stale = jnp.concatenate([kv, jnp.ones_like(kv) * 3.0], axis=3)  # junk after position 20
     nxt = np.array([[7, 8]])
     logits, _ = _ours(
-        model, variables, nxt, np.array([[20, 21]]), np.ones_like(nxt, bool),
+        model,
+        variables,
+        nxt,
+        np.array([[20, 21]]),
+        np.ones_like(nxt, bool),
         PastKV(stale, jnp.array([20], jnp.int32)),
-    )  # fmt: skip
+    )
     expected = _hf_logits(reference, np.concatenate([tokens, nxt], axis=1))[:, 20:]
     assert np.abs(np.asarray(logits) - expected).max() <= TOL
 
@@ -127,9 +131,12 @@ def test_greedy_generation_matches_transformers_generate(pair):
     prompt = generator.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
     with torch.no_grad():
         expected = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt) :].tolist()  # fmt: skip
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     # No early stop, so that all 32 tokens are compared.
     generator.tokens = checkpoint.SpecialTokens(-1, -2, -3, -4, None, None, None)
     (completion,) = generator.generate([prompt], max_new_tokens=32)

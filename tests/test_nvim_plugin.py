@@ -304,8 +304,10 @@ def test_a_remote_server_with_a_token(
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
         [*SERVER, "--tcp", "--port", "0", "--token", token, "--model", str(tiny_mqa_dir), *extra],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     try:
         listening = server.stdout.readline()
         assert "listening on" in listening, listening

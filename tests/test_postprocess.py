@@ -26,8 +26,12 @@ def test_wants_multiline(prefix, suffix, expected):
 
 
 def test_special_tokens_never_reach_the_user():
-    for raw in ("x + 1<|endoftext|>junk", "x + 1<fim_middle>y", "x + 1<file_sep>z",
-                "x + 1<filename>a.py"):  # fmt: skip
+    for raw in (
+        "x + 1<|endoftext|>junk",
+        "x + 1<fim_middle>y",
+        "x + 1<file_sep>z",
+        "x + 1<filename>a.py",
+    ):
         assert cut_completion(raw, "y = ", "\n", False).text == "x + 1"
     assert cut_completion("<fim_suffix>x", "y = ", "\n", False).text == ""
 

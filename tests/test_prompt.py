@@ -31,13 +31,26 @@ def test_psm_and_spm_token_by_token(tok):
     big = dict(prefix_tokens=1000, suffix_tokens=1000)
     psm = build_prompt(text, cursor, tokenizer, t, PromptOptions(mode="psm", **big))
     spm = build_prompt(text, cursor, tokenizer, t, PromptOptions(mode="spm", **big))
-    assert psm.ids == [t.fim_prefix, *enc(tokenizer, prefix), t.fim_suffix,
-                       *enc(tokenizer, suffix), t.fim_middle]  # fmt: skip
-    assert spm.ids == [t.fim_prefix, t.fim_suffix, *enc(tokenizer, suffix), t.fim_middle,
-                       *enc(tokenizer, prefix)]  # fmt: skip
+    assert psm.ids == [
+        t.fim_prefix,
+        *enc(tokenizer, prefix),
+        t.fim_suffix,
+        *enc(tokenizer, suffix),
+        t.fim_middle,
+    ]
+    assert spm.ids == [
+        t.fim_prefix,
+        t.fim_suffix,
+        *enc(tokenizer, suffix),
+        t.fim_middle,
+        *enc(tokenizer, prefix),
+    ]
     assert (spm.prefix, spm.suffix, spm.prefix_start, spm.suffix_end) == (
-        prefix, suffix, 0, len(text)
-    )  # fmt: skip
+        prefix,
+        suffix,
+        0,
+        len(text),
+    )
     # The special ids come from the tokenizer's vocabulary, by name.
     vocab = tokenizer.get_vocab()
     assert spm.ids[:2] == [vocab["<fim_prefix>"], vocab["<fim_suffix>"]]
@@ -85,8 +98,10 @@ def test_windows_hold_still_while_typing(tok):
         text = before + typed[:n] + after
         prompts.append(build_prompt(text, start + n, tokenizer, t, options))
     starts = [p.prefix_start for p in prompts]
-    ends_from_end = [len(before) + n - p.suffix_end for n, p in
-                     zip(range(0, len(typed) + 1, 2), prompts, strict=True)]  # fmt: skip
+    ends_from_end = [
+        len(before) + n - p.suffix_end
+        for n, p in zip(range(0, len(typed) + 1, 2), prompts, strict=True)
+    ]
     # 600 keystrokes, most of a budget typed, and the window moved in a few coarse jumps...
     moves = sum(a != b for a, b in zip(starts, starts[1:], strict=False))
     assert 1 <= moves <= 8
@@ -94,8 +109,15 @@ def test_windows_hold_still_while_typing(tok):
     jumps = [(a, b) for a, b in zip(starts, starts[1:], strict=False) if b != a]
     assert all(b > a and SOURCE[a:b].count("\n") >= 5 for a, b in jumps)
     # The suffix window, counted from the document's end, never moved.
-    assert len({p.suffix_end - (len(before) + n) for n, p in
-                zip(range(0, len(typed) + 1, 2), prompts, strict=True)}) == 1  # fmt: skip
+    assert (
+        len(
+            {
+                p.suffix_end - (len(before) + n)
+                for n, p in zip(range(0, len(typed) + 1, 2), prompts, strict=True)
+            }
+        )
+        == 1
+    )
     assert ends_from_end  # computed for every prompt
 
 

@@ -100,10 +100,22 @@ def test_filename_header_token_by_token(tok):
     options = PromptOptions(filename="src/app/main.py")
     psm = build_prompt(text, cursor, tokenizer, t, dataclasses.replace(options, mode="psm"))
     spm = build_prompt(text, cursor, tokenizer, t, options)
-    assert psm.ids == [*header, t.fim_prefix, *enc(tokenizer, prefix), t.fim_suffix,
-                       *enc(tokenizer, suffix), t.fim_middle]  # fmt: skip
-    assert spm.ids == [*header, t.fim_prefix, t.fim_suffix, *enc(tokenizer, suffix),
-                       t.fim_middle, *enc(tokenizer, prefix)]  # fmt: skip
+    assert psm.ids == [
+        *header,
+        t.fim_prefix,
+        *enc(tokenizer, prefix),
+        t.fim_suffix,
+        *enc(tokenizer, suffix),
+        t.fim_middle,
+    ]
+    assert spm.ids == [
+        *header,
+        t.fim_prefix,
+        t.fim_suffix,
+        *enc(tokenizer, suffix),
+        t.fim_middle,
+        *enc(tokenizer, prefix),
+    ]
     # A tokenizer without <filename> gets no header.
     no_filename = dataclasses.replace(t, filename=None)
     plain = build_prompt(text, cursor, tokenizer, no_filename, options)
@@ -199,8 +211,11 @@ def test_zero_budgets_give_the_bare_markers(tok):
     )
     assert prompt.ids == [t.fim_prefix, t.fim_suffix, t.fim_middle]
     assert (prompt.prefix, prompt.suffix, prompt.prefix_start, prompt.suffix_end) == (
-        "", "", 1000, 1000
-    )  # fmt: skip
+        "",
+        "",
+        1000,
+        1000,
+    )
 
 
 def test_options_and_budgets_are_validated():

@@ -15,16 +15,12 @@ from conftest import INIT_STD
 from safetensors import safe_open
 from transformers import AutoTokenizer, GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-from starcoder_lsp import random_model
+from starcoder_lsp import random_tokenizer
 from starcoder_lsp.cli import main
 from starcoder_lsp.config import PRESETS, ModelConfig
 from starcoder_lsp.errors import CheckpointError, TokenizerError
-from starcoder_lsp.random_model import (
-    SPECIAL_TOKENS,
-    train_tokenizer,
-    weight_specs,
-    write_random_model,
-)
+from starcoder_lsp.random_model import weight_specs, write_random_model
+from starcoder_lsp.random_tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 TINY = PRESETS["test-tiny"]
 REPO = Path(__file__).resolve().parents[1]
@@ -127,14 +123,14 @@ def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     def no_training(vocab_size: int) -> None:
         raise AssertionError("trained again despite the cache")
 
-    monkeypatch.setattr(random_model, "_train", no_training)
+    monkeypatch.setattr(random_tokenizer, "_train", no_training)
     cached = train_tokenizer(300, cache_dir=tmp_path / "a")
     assert cached.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
 
 
 def test_cache_dir_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("STARCODER_LSP_CACHE", str(tmp_path))
-    assert random_model.default_cache_dir() == tmp_path
+    assert random_tokenizer.default_cache_dir() == tmp_path
 
 
 def test_a_vocabulary_smaller_than_the_byte_alphabet_is_refused():

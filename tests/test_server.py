@@ -54,8 +54,10 @@ class Server:
 def start_tcp_server(model: Path, log: Path, *extra: str) -> Server:
     process = subprocess.Popen(
         [*SERVE, "--tcp", "--port", "0", "--model", str(model), *extra],
-        stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
     line = process.stdout.readline()
     if "listening on" not in line:
         process.kill()
@@ -143,28 +145,44 @@ async def _stdio_session(client, edits: list[types.ApplyWorkspaceEditParams]) ->
     assert item.command.command == "starcoder.accepted"
 
     # An incremental edit: (15, 10) exists only once "x = 1 " has been inserted.
-    client.text_document_did_change(types.DidChangeTextDocumentParams(
-        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
-        content_changes=[types.TextDocumentContentChangePartial(
-            range=types.Range(start=END, end=END), text="x = 1 ")],
-    ))  # fmt: skip
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+            content_changes=[
+                types.TextDocumentContentChangePartial(
+                    range=types.Range(start=END, end=END), text="x = 1 "
+                )
+            ],
+        )
+    )
     edited = await client.text_document_inline_completion_async(_inline_params(uri, (15, 10)))
     assert edited.items and edited.items[0].range.start == types.Position(15, 10)
 
     # $/cancelRequest stops the generation itself, not only the reply.
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-        settings={"starcoder": {"maxNewTokens": 400, "multiline": "always"}}))  # fmt: skip
-    client.text_document_did_change(types.DidChangeTextDocumentParams(
-        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=3),
-        content_changes=[types.TextDocumentContentChangePartial(
-            range=types.Range(start=types.Position(15, 10), end=types.Position(15, 10)),
-            text="\n    ")],
-    ))  # fmt: skip
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(
+            settings={"starcoder": {"maxNewTokens": 400, "multiline": "always"}}
+        )
+    )
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=3),
+            content_changes=[
+                types.TextDocumentContentChangePartial(
+                    range=types.Range(start=types.Position(15, 10), end=types.Position(15, 10)),
+                    text="\n    ",
+                )
+            ],
+        )
+    )
     long = _inline_params(uri, (16, 4))
     server_stats = lambda: client.protocol.send_request_async("starcoder/stats", None)
     requests_before = (await server_stats()).requests
-    request = asyncio.ensure_future(client.protocol.send_request_async(
-        types.TEXT_DOCUMENT_INLINE_COMPLETION, long, msg_id="long"))  # fmt: skip
+    request = asyncio.ensure_future(
+        client.protocol.send_request_async(
+            types.TEXT_DOCUMENT_INLINE_COMPLETION, long, msg_id="long"
+        )
+    )
     # Cancel as soon as the server has started the generation: all 400 tokens of the test
     # model take only about 40 ms, so a fixed pause could outlast them.
     async with asyncio.timeout(10):
@@ -179,31 +197,43 @@ async def _stdio_session(client, edits: list[types.ApplyWorkspaceEditParams]) ->
             await asyncio.sleep(0.1)
 
     # Settings: disabled answers nothing; an invalid value is reported and not applied.
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-        settings={"starcoder": {"enabled": False, "maxNewTokens": 24}}))  # fmt: skip
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(
+            settings={"starcoder": {"enabled": False, "maxNewTokens": 24}}
+        )
+    )
     assert not (await client.text_document_inline_completion_async(params)).items
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-        settings={"starcoder": {"enabled": True, "fimMode": "backwards"}}))  # fmt: skip
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(
+            settings={"starcoder": {"enabled": True, "fimMode": "backwards"}}
+        )
+    )
     async with asyncio.timeout(10):
         while not any("fimMode" in m.message for m in client.messages):
             await asyncio.sleep(0.05)
     assert not (await client.text_document_inline_completion_async(params)).items
 
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-        settings={"starcoder": {"enabled": True}}))  # fmt: skip
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"starcoder": {"enabled": True}})
+    )
     at_def = [uri, {"line": 3, "character": 4}]
-    result = await client.workspace_execute_command_async(types.ExecuteCommandParams(
-        command="starcoder.generateDocstring", arguments=at_def))  # fmt: skip
+    result = await client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command="starcoder.generateDocstring", arguments=at_def)
+    )
     assert result["applied"] is True
     [edit] = edits[0].edit.changes[uri]
     assert edit.range.start == edit.range.end == types.Position(4, 0)
     assert edit.new_text == result["docstring"]
     assert edit.new_text.startswith('    """') and edit.new_text.endswith('"""\n')
-    compile(PROGRAM[: PROGRAM.index("    return a + b")] + edit.new_text + "    return 1\n",
-            "docstring", "exec")  # fmt: skip
+    compile(
+        PROGRAM[: PROGRAM.index("    return a + b")] + edit.new_text + "    return 1\n",
+        "docstring",
+        "exec",
+    )
 
-    await client.workspace_execute_command_async(types.ExecuteCommandParams(
-        command="starcoder.accepted", arguments=[uri]))  # fmt: skip
+    await client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command="starcoder.accepted", arguments=[uri])
+    )
     stats = await client.protocol.send_request_async("starcoder/stats", None)
     assert stats.accepted == 1 and stats.docstrings == 1 and stats.requests >= 6
 
@@ -310,8 +340,9 @@ async def test_bad_input_is_answered_and_the_server_keeps_serving(tcp_server: Se
 
     ok = await client.inline(uri, END.line, END.character)
     assert ok["result"]["items"], ok
-    errors = [n["params"]["message"] for n in client.notifications
-              if n["method"] == "window/showMessage"]  # fmt: skip
+    errors = [
+        n["params"]["message"] for n in client.notifications if n["method"] == "window/showMessage"
+    ]
     assert any("Error in server" in m for m in errors), errors  # the bad bodies were reported
     await client.close()
 
@@ -322,12 +353,17 @@ async def test_code_action_offers_docstrings_where_missing(tcp_server: Server) -
     await client.open(uri, PROGRAM)
 
     async def actions(line: int) -> list[dict]:
-        reply = await client.request("textDocument/codeAction", {
-            "textDocument": {"uri": uri},
-            "range": {"start": {"line": line, "character": 0},
-                      "end": {"line": line, "character": 0}},
-            "context": {"diagnostics": []},
-        })  # fmt: skip
+        reply = await client.request(
+            "textDocument/codeAction",
+            {
+                "textDocument": {"uri": uri},
+                "range": {
+                    "start": {"line": line, "character": 0},
+                    "end": {"line": line, "character": 0},
+                },
+                "context": {"diagnostics": []},
+            },
+        )
         return reply["result"]
 
     [action] = await actions(4)  # inside add(), which has no docstring
@@ -339,8 +375,10 @@ async def test_code_action_offers_docstrings_where_missing(tcp_server: Server) -
     assert await actions(0) == []  # not in a definition
 
     command = action["command"]
-    applied = await client.request("workspace/executeCommand", {
-        "command": command["command"], "arguments": command["arguments"]})  # fmt: skip
+    applied = await client.request(
+        "workspace/executeCommand",
+        {"command": command["command"], "arguments": command["arguments"]},
+    )
     assert applied["result"]["applied"] is True
     [edit_request] = [r for r in client.server_requests if r["method"] == "workspace/applyEdit"]
     [edit] = edit_request["params"]["edit"]["changes"][uri]
@@ -351,9 +389,15 @@ async def test_code_action_offers_docstrings_where_missing(tcp_server: Server) -
 
 async def test_completion_fallback_is_off_unless_asked_for(tcp_server: Server) -> None:
     plain = await connect(tcp_server)
-    assert (await plain.request("textDocument/completion", {
-        "textDocument": {"uri": "file:///x.py"}, "position": {"line": 0, "character": 0},
-    }))["error"]["code"] == types.ErrorCodes.MethodNotFound  # fmt: skip
+    assert (
+        await plain.request(
+            "textDocument/completion",
+            {
+                "textDocument": {"uri": "file:///x.py"},
+                "position": {"line": 0, "character": 0},
+            },
+        )
+    )["error"]["code"] == types.ErrorCodes.MethodNotFound
     await plain.close()
 
     client = await WireClient.tcp(tcp_server.port)
@@ -363,8 +407,9 @@ async def test_completion_fallback_is_off_unless_asked_for(tcp_server: Server) -
     uri = "file:///fallback.py"
     await client.open(uri, PROGRAM)
     position = {"line": END.line, "character": END.character}
-    completion = await client.request("textDocument/completion", {
-        "textDocument": {"uri": uri}, "position": position})  # fmt: skip
+    completion = await client.request(
+        "textDocument/completion", {"textDocument": {"uri": uri}, "position": position}
+    )
     inline = await client.inline(uri, END.line, END.character)
     [item] = completion["result"]["items"]
     text = inline["result"]["items"][0]["insertText"]
@@ -376,8 +421,9 @@ async def test_completion_fallback_is_off_unless_asked_for(tcp_server: Server) -
 async def test_unknown_settings_are_logged_once(tcp_server: Server) -> None:
     client = await connect(tcp_server, {"someUnknownKnob": 1})
     for _ in range(2):
-        await client.notify("workspace/didChangeConfiguration",
-                            {"settings": {"starcoder": {"someUnknownKnob": 2}}})  # fmt: skip
+        await client.notify(
+            "workspace/didChangeConfiguration", {"settings": {"starcoder": {"someUnknownKnob": 2}}}
+        )
     assert "result" in await client.request("starcoder/stats")
     assert tcp_server.log_text().count("unknown setting 'someUnknownKnob'") == 1
     await client.close()
@@ -388,8 +434,16 @@ async def test_unknown_settings_are_logged_once(tcp_server: Server) -> None:
 
 async def test_token_and_tls(tiny_mqa_dir: Path, tmp_path: Path, certificate) -> None:
     cert, key = certificate
-    server = start_tcp_server(tiny_mqa_dir, tmp_path / "server.log", "--token", "s3cret",
-                              "--tls-cert", str(cert), "--tls-key", str(key))  # fmt: skip
+    server = start_tcp_server(
+        tiny_mqa_dir,
+        tmp_path / "server.log",
+        "--token",
+        "s3cret",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+    )
     tls = ssl.create_default_context(cafile=str(cert))
     try:
         # Plain TCP to a TLS server gets nowhere.
@@ -417,18 +471,32 @@ async def test_token_and_tls(tiny_mqa_dir: Path, tmp_path: Path, certificate) ->
 
 
 def test_public_address_needs_a_token(tiny_mqa_dir: Path) -> None:
-    done = subprocess.run([*SERVE, "--tcp", "--host", "0.0.0.0", "--model", str(tiny_mqa_dir)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [*SERVE, "--tcp", "--host", "0.0.0.0", "--model", str(tiny_mqa_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "--token" in done.stderr and "STARCODER_LSP_TOKEN" in done.stderr
 
 
 def test_tls_needs_a_readable_certificate(tiny_mqa_dir: Path, tmp_path: Path) -> None:
     done = subprocess.run(
-        [*SERVE, "--tcp", "--tls-cert", str(tmp_path / "missing.pem"),
-         "--tls-key", str(tmp_path / "missing.key"), "--model", str(tiny_mqa_dir)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            *SERVE,
+            "--tcp",
+            "--tls-cert",
+            str(tmp_path / "missing.pem"),
+            "--tls-key",
+            str(tmp_path / "missing.key"),
+            "--model",
+            str(tiny_mqa_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "missing.pem" in done.stderr
 
