@@ -33,6 +33,7 @@ end
 
 --- Starts the plugin: options (see config.lua, `:help starcoder-setup`), autocommands that
 --- attach the client to buffers, the highlight and the keys.
+---@param user starcoder.Options|nil
 function M.setup(user)
   local options = config.set(user)
   if options.builtin and not builtin.available() then

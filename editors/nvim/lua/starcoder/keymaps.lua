@@ -35,6 +35,7 @@ function M.run(name)
 end
 
 --- Maps the keys to the plugin's own suggestions.
+---@param keys starcoder.Keys
 function M.set(keys)
   for name, lhs in pairs(keys) do
     if lhs and actions[name] then
@@ -51,6 +52,7 @@ end
 
 --- Maps the keys to Neovim's vim.lsp.inline_completion (builtin = true): only accept and
 --- next; the rest is Neovim's business.
+---@param keys starcoder.Keys
 function M.set_builtin(keys)
   if keys.accept then
     vim.keymap.set("i", keys.accept, function()
