@@ -1,5 +1,6 @@
 """The VS Code extension (editors/vscode): it compiles, packages into a .vsix, and its Node
-test drives a real `starcoder-lsp serve` with the extension's own messages.
+tests read its settings as package.json declares them and drive a real `starcoder-lsp serve`
+with the extension's own messages.
 
 Needs Node.js and npm (./setup.sh installs them and runs `npm ci`); no VS Code download."""
 
@@ -49,6 +50,11 @@ def test_the_extension_compiles_and_packages(compiled: Path, tmp_path: Path) -> 
     assert "extension/out/src/extension.js" in names
     assert "extension/node_modules/vscode-languageclient/package.json" in names
     assert not any(name.startswith("extension/src/") for name in names)
+
+
+def test_the_extension_reads_its_settings_from_package_json(compiled: Path) -> None:
+    output = run("node", "--test", "out/test/options.test.js")
+    assert "# fail 0" in output, output
 
 
 def test_the_extension_messages_against_the_server(compiled: Path, tiny_mqa_dir: Path) -> None:

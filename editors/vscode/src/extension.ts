@@ -19,6 +19,7 @@ import {
   GENERATE_DOCSTRING,
   STATS_REQUEST,
   initializationOptions,
+  isEnabled,
   isRemote,
   readSettings,
   serverCommand,
@@ -75,7 +76,7 @@ async function start(): Promise<void> {
       status.stop('stopped', `the connection to ${where} ended (StarCoder: Restart the server)`);
     }
   });
-  status.setEnabled(s.enable);
+  status.setEnabled(isEnabled(s));
   status.show('starting', `starting ${where}`);
   try {
     await started.start();
@@ -154,7 +155,7 @@ async function showStats(): Promise<void> {
 
 async function toggle(): Promise<void> {
   const configuration = vscode.workspace.getConfiguration('starcoder');
-  await configuration.update('enable', !settings().enable, vscode.ConfigurationTarget.Global);
+  await configuration.update('enabled', !isEnabled(settings()), vscode.ConfigurationTarget.Global);
 }
 
 async function onConfigurationChanged(event: vscode.ConfigurationChangeEvent): Promise<void> {
@@ -166,7 +167,7 @@ async function onConfigurationChanged(event: vscode.ConfigurationChangeEvent): P
     return;
   }
   const s = settings();
-  status.setEnabled(s.enable);
+  status.setEnabled(isEnabled(s));
   if (client?.isRunning()) {
     await client.sendNotification(DidChangeConfigurationNotification.type, {
       settings: { starcoder: serverSettings(s) },

@@ -1,22 +1,50 @@
 // What the extension sends and spawns, from its settings. No `vscode` import here: the Node
 // tests build the same messages from the same functions.
 
-/** The `starcoder.*` settings (package.json `contributes.configuration`). */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+/** One `starcoder.*` entry of package.json's `contributes.configuration.properties`. */
+export interface SettingSchema {
+  type: string | string[];
+  default: unknown;
+  enum?: string[];
+  description: string;
+}
+
+/**
+ * package.json's `contributes.configuration.properties`: the one list of the extension's
+ * settings, read at run time. Compiled, this file is out/src/options.js, two folders below
+ * package.json.
+ */
+export const PROPERTIES: Record<string, SettingSchema> = JSON.parse(
+  fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8'),
+).contributes.configuration.properties;
+
+/** The extension's own settings, whose change needs a new connection. */
+export const CONNECTION_KEYS = ['serverCommand', 'serverArgs', 'model', 'logLevel', 'remote'];
+
+/**
+ * Every other `starcoder.<key>` is one of the server's settings, under the server's own
+ * (wire) name; tests/test_settings_parity.py checks them against the server's schema.
+ */
+export const SERVER_KEYS = Object.keys(PROPERTIES)
+  .map((key) => key.replace(/^starcoder\./, ''))
+  .filter((key) => !CONNECTION_KEYS.includes(key.split('.')[0]));
+
+export type SettingValue = boolean | number | string;
+
+/** The server's settings by wire name; null: not sent (the server's default). */
+export type ServerSettings = Record<string, SettingValue | null>;
+
+/** The `starcoder.*` settings. */
 export interface Settings {
-  enable: boolean;
   serverCommand: string;
   serverArgs: string[];
   model: string;
   logLevel: string;
   remote: RemoteSettings;
-  maxNewTokens: number;
-  temperature: number;
-  topP: number;
-  fimMode: 'spm' | 'psm';
-  multiline: 'auto' | 'always' | 'never';
-  minChars: number;
-  prefixTokens: number | null;
-  suffixTokens: number | null;
+  server: ServerSettings;
 }
 
 export interface RemoteSettings {
@@ -27,28 +55,29 @@ export interface RemoteSettings {
   tlsCaFile: string;
 }
 
+function defaultOf<T>(key: string): T {
+  return PROPERTIES[`starcoder.${key}`].default as T;
+}
+
 export const DEFAULT_SETTINGS: Settings = {
-  enable: true,
-  serverCommand: 'starcoder-lsp',
-  serverArgs: [],
-  model: '',
-  logLevel: 'INFO',
-  remote: { host: '', port: 2087, token: '', tls: false, tlsCaFile: '' },
-  maxNewTokens: 64,
-  temperature: 0,
-  topP: 1,
-  fimMode: 'spm',
-  multiline: 'auto',
-  minChars: 1,
-  prefixTokens: null,
-  suffixTokens: null,
+  serverCommand: defaultOf('serverCommand'),
+  serverArgs: defaultOf('serverArgs'),
+  model: defaultOf('model'),
+  logLevel: defaultOf('logLevel'),
+  remote: {
+    host: defaultOf('remote.host'),
+    port: defaultOf('remote.port'),
+    token: defaultOf('remote.token'),
+    tls: defaultOf('remote.tls'),
+    tlsCaFile: defaultOf('remote.tlsCaFile'),
+  },
+  server: Object.fromEntries(SERVER_KEYS.map((key) => [key, defaultOf<SettingValue | null>(key)])),
 };
 
 /** Reads the settings through a `get(key, default)` such as WorkspaceConfiguration.get. */
 export function readSettings(get: <T>(key: string, defaultValue: T) => T): Settings {
   const d = DEFAULT_SETTINGS;
   return {
-    enable: get('enable', d.enable),
     serverCommand: get('serverCommand', d.serverCommand),
     serverArgs: get('serverArgs', d.serverArgs),
     model: get('model', d.model),
@@ -60,45 +89,23 @@ export function readSettings(get: <T>(key: string, defaultValue: T) => T): Setti
       tls: get('remote.tls', d.remote.tls),
       tlsCaFile: get('remote.tlsCaFile', d.remote.tlsCaFile),
     },
-    maxNewTokens: get('maxNewTokens', d.maxNewTokens),
-    temperature: get('temperature', d.temperature),
-    topP: get('topP', d.topP),
-    fimMode: get('fimMode', d.fimMode),
-    multiline: get('multiline', d.multiline),
-    minChars: get('minChars', d.minChars),
-    prefixTokens: get('prefixTokens', d.prefixTokens),
-    suffixTokens: get('suffixTokens', d.suffixTokens),
+    server: Object.fromEntries(SERVER_KEYS.map((key) => [key, get(key, d.server[key])])),
   };
 }
 
-/** The server's own settings: sent as initializationOptions and on configuration changes. */
-export interface ServerSettings {
-  enabled: boolean;
-  maxNewTokens: number;
-  temperature: number;
-  topP: number;
-  fimMode: string;
-  multiline: string;
-  minChars: number;
-  prefixTokens?: number;
-  suffixTokens?: number;
+/** Whether suggestions are on (`starcoder.enabled`). */
+export function isEnabled(settings: Settings): boolean {
+  return settings.server.enabled !== false;
 }
 
-export function serverSettings(settings: Settings): ServerSettings {
-  const result: ServerSettings = {
-    enabled: settings.enable,
-    maxNewTokens: settings.maxNewTokens,
-    temperature: settings.temperature,
-    topP: settings.topP,
-    fimMode: settings.fimMode,
-    multiline: settings.multiline,
-    minChars: settings.minChars,
-  };
-  if (settings.prefixTokens !== null) {
-    result.prefixTokens = settings.prefixTokens;
-  }
-  if (settings.suffixTokens !== null) {
-    result.suffixTokens = settings.suffixTokens;
+/** The server's settings as sent (initializationOptions, configuration changes), null ones left out. */
+export function serverSettings(settings: Settings): Record<string, SettingValue> {
+  const result: Record<string, SettingValue> = {};
+  for (const key of SERVER_KEYS) {
+    const value = settings.server[key];
+    if (value !== null && value !== undefined) {
+      result[key] = value;
+    }
   }
   return result;
 }
@@ -108,9 +115,7 @@ export function token(settings: Settings, env: NodeJS.ProcessEnv = process.env):
   return settings.remote.token || env.STARCODER_LSP_TOKEN || undefined;
 }
 
-export interface InitializationOptions extends ServerSettings {
-  token?: string;
-}
+export type InitializationOptions = Record<string, SettingValue>;
 
 export function initializationOptions(
   settings: Settings,
@@ -133,9 +138,6 @@ export function serverCommand(settings: Settings): { command: string; args: stri
 export function isRemote(settings: Settings): boolean {
   return settings.remote.host.trim() !== '';
 }
-
-/** The settings whose change needs a new connection (the rest is sent to the server). */
-export const CONNECTION_KEYS = ['serverCommand', 'serverArgs', 'model', 'logLevel', 'remote'];
 
 /** The `workspace/executeCommand` that writes a docstring at a position. */
 export const GENERATE_DOCSTRING = 'starcoder.generateDocstring';

@@ -96,8 +96,7 @@ function settingsFor(model: string): Settings {
     serverCommand: SERVER,
     model,
     logLevel: 'WARNING',
-    multiline: 'always',
-    maxNewTokens: 12,
+    server: { ...DEFAULT_SETTINGS.server, multiline: 'always', maxNewTokens: 12 },
   };
 }
 

@@ -8,6 +8,7 @@ local client = require("starcoder.client")
 local compat = require("starcoder.compat")
 local config = require("starcoder.config")
 local docstring = require("starcoder.docstring")
+local keymaps = require("starcoder.keymaps")
 local suggestion = require("starcoder.suggestion")
 
 local api = vim.api
@@ -26,67 +27,13 @@ local function attach(bufnr)
   end
 end
 
--- Each key: when it applies, and what it does. Where it does not apply, the key keeps its
--- usual meaning.
-local function on_suggestion(run)
-  return { when = suggestion.visible, run = run }
-end
-
-local actions = {
-  accept = on_suggestion(function()
-    suggestion.accept("all")
-  end),
-  accept_word = on_suggestion(function()
-    suggestion.accept("word")
-  end),
-  accept_line = on_suggestion(function()
-    suggestion.accept("line")
-  end),
-  dismiss = on_suggestion(suggestion.dismiss),
-  next = {
-    when = function()
-      return true
-    end,
-    run = suggestion.next,
-  },
-}
-
---- Runs a key's action (from the <Cmd> the mapping returns).
-function M._run(name)
-  actions[name].run()
-end
-
-local function map_keys(keys)
-  for name, lhs in pairs(keys) do
-    if lhs and actions[name] then
-      local rhs = ("<Cmd>lua require('starcoder')._run(%q)<CR>"):format(name)
-      vim.keymap.set("i", lhs, function()
-        if actions[name].when() then
-          return rhs
-        end
-        return lhs
-      end, { expr = true, silent = true, desc = "starcoder: " .. name })
-    end
-  end
-end
-
-local function map_builtin_keys(keys)
-  if keys.accept then
-    vim.keymap.set("i", keys.accept, function()
-      if not builtin.accept() then
-        return keys.accept
-      end
-    end, { expr = true, silent = true, desc = "starcoder: accept" })
-  end
-  if keys.next then
-    vim.keymap.set("i", keys.next, builtin.next, { desc = "starcoder: next suggestion" })
-  end
-end
-
 local function setup_highlight()
   vim.cmd("highlight default link " .. config.options.hl_group .. " Comment")
 end
 
+--- Starts the plugin: options (see config.lua, `:help starcoder-setup`), autocommands that
+--- attach the client to buffers, the highlight and the keys.
+---@param user starcoder.Options|nil
 function M.setup(user)
   local options = config.set(user)
   if options.builtin and not builtin.available() then
@@ -103,10 +50,10 @@ function M.setup(user)
   api.nvim_create_autocmd("ColorScheme", { group = group, callback = setup_highlight })
   setup_highlight()
   if use_builtin() then
-    map_builtin_keys(options.keys)
+    keymaps.set_builtin(options.keys)
   else
     suggestion.setup_autocmds()
-    map_keys(options.keys)
+    keymaps.set(options.keys)
   end
   configured = true
   attach(api.nvim_get_current_buf())
