@@ -60,16 +60,22 @@ class RecentKV(NamedTuple):
     count: jax.Array  # int32 scalar
 
 
-def new_token_mask(positions: jax.Array, valid: jax.Array) -> jax.Array:
-    """bool [b, s, s]: which new keys each new token sees (valid, and not after it)."""
-    return (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
+def new_token_mask(positions: jax.Array, valid: jax.Array, window: int | None = None) -> jax.Array:
+    """bool [b, s, s]: which new keys each new token sees (valid, not after it, and within
+    the sliding window where there is one)."""
+    behind = positions[:, :, None] - positions[:, None, :]  # query minus key position
+    visible = (behind >= 0) & valid[:, None, :]
+    return visible if window is None else visible & (behind < window)
 
 
-def with_recent(new_visible: jax.Array, recent: RecentKV) -> jax.Array:
+def with_recent(new_visible: jax.Array, recent: RecentKV, window: int | None = None) -> jax.Array:
     """bool [b, s, steps + s]: the recent keys that are filled come first, seen by every new
-    token."""
+    token (a decode step's single token), as far as the window reaches."""
     batch, seq, _ = new_visible.shape
-    filled = jnp.arange(recent.kv.shape[3]) < recent.count
+    slot = jnp.arange(recent.kv.shape[3])
+    filled = slot < recent.count
+    if window is not None:  # recent key j lies count - j positions behind the new token
+        filled &= recent.count - slot < window
     filled = jnp.broadcast_to(filled, (batch, seq, recent.kv.shape[3]))
     return jnp.concatenate([filled, new_visible], axis=2)
 
@@ -80,6 +86,8 @@ def attend(
     new_visible: jax.Array,
     past: PastKV,
     layer: int,
+    positions: jax.Array,
+    window: int | None = None,
     past_block: int = PAST_BLOCK,
     mesh: Mesh | None = None,
 ) -> jax.Array:
@@ -87,7 +95,9 @@ def attend(
 
     q: [b, kv, seq·group, hd], already scaled; new: (keys, values) [b, t, kv, hd] of the
     new tokens (t = seq, or more where keys decoded earlier in the same call come first);
-    new_visible: bool [b, seq, t]. Returns float32 [b, kv, seq·group, hd].
+    new_visible: bool [b, seq, t]; positions: int32 [b, seq], the queries' positions;
+    window: a query sees the keys of the `window` positions up to its own, none before (None:
+    all). Returns float32 [b, kv, seq·group, hd].
 
     The loop over the cache keeps a running maximum, sum and output (online softmax), so
     scores exist for one block at a time: over all 4,096 keys at once they outgrew the L3
@@ -105,11 +115,12 @@ def attend(
     state = (top, jnp.sum(weights, axis=-1, keepdims=True), _weighted(weights, new[1]))
 
     if past.kv.shape[3]:
-        read = partial(_attend_past, layer=layer, size=min(past_block, past.kv.shape[3]))
+        size = min(past_block, past.kv.shape[3])
+        read = partial(_attend_past, layer=layer, size=size, window=window)
         rows_split = mesh is not None and sharding.splits_cache_rows(mesh, past.kv.shape[2])
         if rows_split and past.row is not None:
             read = _on_row_owners(read, mesh)
-        state = read(q, past, state)
+        state = read(q, past, state, positions)
     _, total, out = state
     # Normalising the output rather than the probabilities saves a pass over the scores.
     return out / total
@@ -149,9 +160,19 @@ def _read_block(past: PastKV, layer: int, start: jax.Array, size: int) -> jax.Ar
     return jnp.concatenate([rows_from(r, 1) for r in past.row], axis=1)
 
 
-def _attend_past(q: jax.Array, past: PastKV, state: State, layer: int, size: int) -> State:
+def _attend_past(
+    q: jax.Array,
+    past: PastKV,
+    state: State,
+    positions: jax.Array,
+    layer: int,
+    size: int,
+    window: int | None,
+) -> State:
     """Carry the running (max, sum, output) of each query row over the cached blocks."""
     time = past.kv.shape[3]
+    rows = q.shape[2]
+    seq = positions.shape[1]
 
     def step(masked: bool, i: jax.Array, state: State) -> State:
         top, total, out = state
@@ -163,22 +184,31 @@ def _attend_past(q: jax.Array, past: PastKV, state: State, layer: int, size: int
         scores = _scores(q, keys)
         if masked:
             at = start + jnp.arange(size)
-            visible = (at >= first)[None] & (at[None] < past.length[:, None])
-            scores = jnp.where(visible[:, None, None], scores, MASKED)
+            visible = (at >= first)[None] & (at[None] < past.length[:, None])  # [b, size]
+            visible = visible[:, None, None]
+            if window is not None:  # [b, 1, rows, size]: each query row has its own reach
+                reach = at[None, None] > positions[:, :, None] - window  # [b, seq, size]
+                reach = jnp.repeat(reach, rows // seq, axis=1)[:, None]
+                visible = visible & reach
+            scores = jnp.where(visible, scores, MASKED)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True))
         weights = jnp.exp(scores - new_top)
         rescale = jnp.exp(top - new_top)
         total = total * rescale + jnp.sum(weights, axis=-1, keepdims=True)
         return new_top, total, out * rescale + _weighted(weights, values)
 
+    blocks = (jnp.max(past.length) + size - 1) // size
+    if window is not None:
+        # Blocks wholly behind every query's window are never read; the rest are masked.
+        first_block = jnp.maximum(jnp.min(positions) - window + 1, 0) // size
+        return jax.lax.fori_loop(first_block, blocks, partial(step, True), state)
     # Blocks that every row has cached whole need no mask (it was a tenth of the loop).
     whole = jnp.min(past.length) // size
-    blocks = (jnp.max(past.length) + size - 1) // size
     state = jax.lax.fori_loop(0, whole, partial(step, False), state)
     return jax.lax.fori_loop(whole, blocks, partial(step, True), state)
 
 
-Read = Callable[[jax.Array, PastKV, State], State]
+Read = Callable[[jax.Array, PastKV, State, jax.Array], State]
 
 
 def _on_row_owners(read: Read, mesh: Mesh) -> Read:
@@ -193,7 +223,7 @@ def _on_row_owners(read: Read, mesh: Mesh) -> Read:
     the whole cache.
     """
 
-    def local(q: jax.Array, past: PastKV, state: State) -> State:
+    def local(q: jax.Array, past: PastKV, state: State, positions: jax.Array) -> State:
         held = past.kv.shape[2]
         row = past.row - jax.lax.axis_index(sharding.DATA) * held
         mine = (row >= 0) & (row < held)
@@ -202,7 +232,7 @@ def _on_row_owners(read: Read, mesh: Mesh) -> Read:
         borrowed = jnp.max(jnp.where(mine, past.length, 0))
         here = PastKV(past.kv, jnp.where(mine, past.length, borrowed), jnp.clip(row, 0, held - 1))
         keep = mine[:, None, None, None]
-        state = read(q, here, state)
+        state = read(q, here, state, positions)
         return tuple(jax.lax.psum(jnp.where(keep, s, 0), sharding.DATA) for s in state)
 
     replicated = sharding.P()
@@ -210,7 +240,7 @@ def _on_row_owners(read: Read, mesh: Mesh) -> Read:
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(replicated, past_spec, replicated),
+        in_specs=(replicated, past_spec, replicated, replicated),
         out_specs=replicated,
         axis_names={sharding.DATA},
         check_vma=False,

@@ -118,4 +118,10 @@ class Backend:
             **self.stats.as_json(),
             "cacheHits": cache.hits if cache else 0,
             "cacheRequests": cache.requests if cache else 0,
+            "speculation": self._speculation(),
         }
+
+    def _speculation(self) -> dict[str, Any] | None:
+        """Drafted and accepted tokens and model steps per token; None without drafts."""
+        assistant = self.completer.engine.assistant if self.completer else None
+        return assistant.stats.as_json() if assistant is not None else None

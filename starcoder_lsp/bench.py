@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jax
@@ -72,7 +72,7 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _alternating(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def alternating(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each case, run in turn (one call of each per round) after one
     untimed call each. On a shared machine the speed drifts by tens of percent over minutes;
     taking turns exposes every case to the same drift, so the ratios hold where the
@@ -98,10 +98,16 @@ class _BandwidthProbe:
         self._sum(self._data).block_until_ready()
 
 
-def decode_bytes(config: object, itemsize: int) -> int:
-    """Parameter bytes one decode step reads: everything but the position table, of which a
-    step reads one row."""
-    return (config.num_parameters() - config.n_positions * config.n_embd) * itemsize
+def weight_bytes(params: dict) -> int:
+    """Bytes the parameters take on the devices (one copy of each)."""
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+
+
+def decode_bytes(params: dict) -> int:
+    """Parameter bytes one decode step reads: everything but a learned position table, of
+    which a step reads one row. Counted from the arrays, so int8 weights count as int8."""
+    table = params.get("wpe", {}).get("embedding")
+    return weight_bytes(params) - (0 if table is None else table.nbytes - table[0].nbytes)
 
 
 def _prompt(vocab: int, n: int) -> list[int]:
@@ -174,19 +180,20 @@ class _Ours:
 
 
 class _Transformers:
-    """transformers' GPTBigCodeForCausalLM on the same checkpoint (CPU, float32)."""
+    """transformers' own model of the checkpoint's family (GPTBigCodeForCausalLM or
+    Starcoder2ForCausalLM) on the same checkpoint (CPU, float32)."""
 
     def __init__(self, directory: str, threads: int) -> None:
         import torch
-        from transformers import GPTBigCodeForCausalLM
+        from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self._torch = torch
         start = time.perf_counter()
-        self.model = GPTBigCodeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
         self.load = time.perf_counter() - start
         # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40).
-        forward = inspect.signature(GPTBigCodeForCausalLM.forward).parameters
+        forward = inspect.signature(type(self.model).forward).parameters
         self._cache_name = "cache" if "cache" in forward else "past_key_values"
 
     def prefill(self, prompt: list[int]) -> Callable[[], None]:
@@ -228,8 +235,9 @@ def run(
     checkpoint with the default options, or ModelOptions (mesh, dtype, ...)."""
     options = model if isinstance(model, ModelOptions) else ModelOptions(model)
     backend = jax.default_backend()
-    ours = _Ours(options, batches, log)
+    ours = _Ours(replace(options, quantize=None), batches, log)
     config, jdtype = ours.checkpoint.config, ours.checkpoint.dtype
+    quantized = _Ours(options, batches, log) if options.quantize else None
     theirs: _Transformers | None = None
     if compare and (jdtype != jnp.float32 or backend != "cpu"):
         log("transformers comparison runs on CPU in float32 only; skipped")
@@ -247,7 +255,7 @@ def run(
     ) -> dict[str, float]:
         sides = {"ours": ours, "theirs": theirs}
         cases = {name: make(side) for name, side in sides.items() if side is not None}
-        seconds = _alternating(cases | extra, rounds)
+        seconds = alternating(cases | extra, rounds)
         log(f"{label}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()))
         return seconds
 
@@ -274,13 +282,18 @@ def run(
             "once per process; cached on disk across restarts",
         )
     )
+    for label, side in (("", ours), ("int8", quantized)):
+        if side is not None:
+            name = "weights on the devices" + (f", {label}" if label else "")
+            read = f"{decode_bytes(side.checkpoint.params) / 2**20:,.0f} MiB read per step"
+            rows.append(Row(name, weight_bytes(side.checkpoint.params) / 2**20, None, "MiB", read))
     for n in (n for n in prefill_lengths if n <= ours.runner.max_len):
         prompt = _prompt(config.vocab_size, n)
         t = measure(f"prefill {n}", lambda side, p=prompt: side.prefill(p), repeats)
         theirs_rate = n / t["theirs"] if "theirs" in t else None
         rows.append(Row(f"prefill {n} tokens", n / t["ours"], theirs_rate, "tok/s"))
 
-    bytes_per_step = decode_bytes(config, jdtype.itemsize)
+    bytes_per_step = decode_bytes(ours.checkpoint.params)
     steps = ours.runner.steps_per_call
     decode: dict[int, dict[str, float]] = {}
     for b in batches:
@@ -288,11 +301,15 @@ def run(
         # every weight once, and at batch 1 nothing else is read in bulk. One step per call,
         # the server's way, is measured beside every batch's calls.
         extra = {"one step": ours.decode_one(b)} | ({"read": probe} if b == batches[0] else {})
+        if quantized is not None:
+            extra |= {"int8": quantized.decode(b), "int8 one step": quantized.decode_one(b)}
         make = lambda side, b=b: side.decode(b)
         decode[b] = measure(
             f"decode batch {b} (ours: a call of {steps} steps)", make, repeats * 4, **extra
         )
         decode[b]["ours"] /= steps
+        if quantized is not None:
+            decode[b]["int8"] /= steps
     bandwidth = probe.nbytes / decode[batches[0]]["read"]
     floor_ms = bytes_per_step / bandwidth * 1000
     rows.append(
@@ -305,14 +322,26 @@ def run(
         )
     )
     rows.append(Row("decode floor: param bytes ÷ bandwidth", floor_ms, None, "ms"))
-    for case, how in (("ours", f"{steps} steps per call"), ("one step", "as the server decodes")):
+    int8_floor = 0.0
+    if quantized is not None:
+        int8_floor = decode_bytes(quantized.checkpoint.params) / bandwidth * 1000
+        rows.append(Row("decode floor: param bytes ÷ bandwidth, int8", int8_floor, None, "ms"))
+    cases = [("ours", "", f"{steps} steps per call"), ("one step", "", "as the server decodes")]
+    if quantized is not None:
+        cases += [
+            ("int8", "int8", f"{steps} steps per call"),
+            ("int8 one step", "int8", "as the server decodes"),
+        ]
+    for case, label, how in cases:
+        floor = int8_floor if label else floor_ms
         first = decode[batches[0]][case]
         for b, t in decode.items():
             ms = t[case] * 1000
-            note = f"{ms / floor_ms:.2f}× floor; {ms / b:.1f} ms/token; {how}"
+            note = f"{ms / floor:.2f}× floor; {ms / b:.1f} ms/token; {how}"
             if b != batches[0]:
                 note += f"; {t[case] / first:.2f}× batch {batches[0]}"
-            name = f"decode batch {b}, " + ("per step" if case == "ours" else "one step per call")
+            per = "one step per call" if case.endswith("one step") else "per step"
+            name = f"decode batch {b}, " + (f"{label}, " if label else "") + per
             theirs_ms = t["theirs"] * 1000 if "theirs" in t else None
             rows.append(Row(name, ms, theirs_ms, "ms", note))
     return report

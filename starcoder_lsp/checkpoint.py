@@ -21,9 +21,11 @@ import numpy as np
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from starcoder_lsp import sharding
+from starcoder_lsp import layout, sharding
+from starcoder_lsp import quantize as quantization
 from starcoder_lsp.config import ModelConfig
 from starcoder_lsp.errors import CheckpointError, TokenizerError
+from starcoder_lsp.layout import Source, hf_tensors
 from starcoder_lsp.model import abstract_params
 from starcoder_lsp.progress import Progress
 from starcoder_lsp.special_tokens import SpecialTokens, special_tokens
@@ -128,93 +130,19 @@ class _Reader:
         return self._open[file]
 
 
-# How each parameter of model.py is made from transformers' tensors. `layer` is None for
-# parameters outside the layer stack. Linear weights are [out, in] in both.
-Source = Callable[[_Reader, int | None], np.ndarray]
-
-
-def _sources(config: ModelConfig) -> dict[str, Source]:
-    d, hd, kv = config.n_embd, config.head_dim, config.kv_heads
-    layer_name = lambda i, rest: f"transformer.h.{i}.{rest}"
-
-    def plain(rest: str) -> Source:
-        return lambda r, i: r.read(layer_name(i, rest) if i is not None else f"transformer.{rest}")
-
-    def c_attn(part: str, suffix: str) -> Source:
-        # MQA packs rows as [q (d) | k (hd) | v (hd)]; MHA interleaves them per head as
-        # [head][q|k|v][hd]. Both become q_proj [.., h·hd] and kv_proj [.., 2·kv·hd].
-        def read(r: _Reader, i: int | None) -> np.ndarray:
-            t = r.read(layer_name(i, f"attn.c_attn.{suffix}"))
-            rows = t.reshape(kv, 3 * hd, *t.shape[1:]) if not config.multi_query else None
-            if config.multi_query:
-                out = t[:d] if part == "q" else t[d:]
-            elif part == "q":
-                out = rows[:, :hd].reshape(d, *t.shape[1:])
-            else:
-                out = rows[:, hd:].reshape(kv, 2, hd, *t.shape[1:]).swapaxes(0, 1)
-                out = out.reshape(2 * kv * hd, *t.shape[1:])
-            return out
-
-        return read
-
-    sources: dict[str, Source] = {
-        "wte/embedding": plain("wte.weight"),
-        "wpe/embedding": plain("wpe.weight"),
-        "ln_f/scale": plain("ln_f.weight"),
-        "ln_f/bias": plain("ln_f.bias"),
-        "h/attn/q_proj/kernel": c_attn("q", "weight"),
-        "h/attn/q_proj/bias": c_attn("q", "bias"),
-        "h/attn/kv_proj/kernel": c_attn("kv", "weight"),
-        "h/attn/kv_proj/bias": c_attn("kv", "bias"),
-    }
-    for norm in ("ln_1", "ln_2"):
-        sources[f"h/{norm}/scale"] = plain(f"{norm}.weight")
-        sources[f"h/{norm}/bias"] = plain(f"{norm}.bias")
-    for linear in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-        key = "h/" + linear.replace(".", "/")
-        sources[f"{key}/kernel"] = plain(f"{linear}.weight")
-        sources[f"{key}/bias"] = plain(f"{linear}.bias")
-    return sources
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """transformers' tensor names and shapes for this config (tied head: no lm_head)."""
-    d, inner = config.n_embd, config.inner_dim
-    c_attn = d + 2 * config.kv_heads * config.head_dim
-    shapes = {
-        "transformer.wte.weight": (config.vocab_size, d),
-        "transformer.wpe.weight": (config.n_positions, d),
-        "transformer.ln_f.weight": (d,),
-        "transformer.ln_f.bias": (d,),
-    }
-    per_layer = {
-        "ln_1.weight": (d,),
-        "ln_1.bias": (d,),
-        "ln_2.weight": (d,),
-        "ln_2.bias": (d,),
-        "attn.c_attn.weight": (c_attn, d),
-        "attn.c_attn.bias": (c_attn,),
-        "attn.c_proj.weight": (d, d),
-        "attn.c_proj.bias": (d,),
-        "mlp.c_fc.weight": (inner, d),
-        "mlp.c_fc.bias": (inner,),
-        "mlp.c_proj.weight": (d, inner),
-        "mlp.c_proj.bias": (d,),
-    }
-    for i in range(config.n_layer):
-        shapes.update({f"transformer.h.{i}.{k}": v for k, v in per_layer.items()})
-    return shapes
-
-
 def check_shapes(reader: _Reader, config: ModelConfig) -> None:
+    """Every tensor the config implies is there, in its shape."""
     names = reader.names()
-    for name, shape in expected_shapes(config).items():
-        if name not in names:
-            raise CheckpointError(f"the checkpoint has no tensor {name} (needed by its config)")
-        actual = reader.shape(name)
-        if actual != shape:
+    for tensor in hf_tensors(config):
+        if tensor.name not in names:
             raise CheckpointError(
-                f"tensor {name} has shape {list(actual)}, but config.json implies {list(shape)}"
+                f"the checkpoint has no tensor {tensor.name} (needed by its config)"
+            )
+        actual = reader.shape(tensor.name)
+        if actual != tensor.shape:
+            raise CheckpointError(
+                f"tensor {tensor.name} has shape {list(actual)}, but config.json implies "
+                f"{list(tensor.shape)}"
             )
 
 
@@ -230,7 +158,7 @@ def _place(
     dtype: np.dtype,
 ) -> jax.Array:
     """One parameter, each device's piece cut from the file's tensor as that device needs it."""
-    piece = lambda index: np.asarray(source(reader, layer)[index], dtype)
+    piece = lambda index: np.asarray(source(reader.read, layer)[index], dtype)
     return jax.make_array_from_callback(leaf.shape, target, piece)
 
 
@@ -240,13 +168,17 @@ def load_params(
     mesh: Mesh | None = None,
     dtype: jnp.dtype = jnp.float32,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> dict:
-    """The Flax parameter tree, each leaf placed on its sharding of `mesh`."""
+    """The Flax parameter tree, each leaf placed on its sharding of `mesh`. config is the
+    checkpoint's own; quantize ("int8") quantizes a float checkpoint while it loads, one
+    tensor at a time, never holding the model in full precision on a device."""
+    quantization.check(quantize)
+    model_config = config.replace(quantization=config.quantization or quantize)
     mesh = mesh if mesh is not None else sharding.make_mesh("1x1")
-    abstract = abstract_params(config, dtype)
-    shardings = dict(_flatten(sharding.param_shardings(abstract, mesh)))
-    sources = _sources(config)
-    np_dtype = np.dtype(jnp.dtype(dtype))
+    abstract = abstract_params(model_config, dtype)
+    shardings = dict(_flatten(sharding.param_shardings(abstract, mesh, model_config)))
+    sources = _leaf_sources(config, model_config)
     leaves = list(_flatten(abstract))
     placed = {}
     with ExitStack() as stack:
@@ -256,10 +188,46 @@ def load_params(
             match = _LAYER.match(key)
             layer = int(match[1]) if match else None
             source = sources[_LAYER.sub("h/", key)]
-            placed[key] = _place(source, reader, layer, leaf, shardings[key], np_dtype)
+            # int8 values and their float32 scales keep their own dtypes.
+            placed[key] = _place(source, reader, layer, leaf, shardings[key], np.dtype(leaf.dtype))
             if progress:
                 progress(n + 1, len(leaves), f"loading {key}")
     return _unflatten(placed)
+
+
+def _leaf_sources(stored: ModelConfig, model: ModelConfig) -> dict[str, Source]:
+    """How each leaf of `model`'s parameter tree is read from a checkpoint `stored` says:
+    as it is, as the int8 values and scales stored beside each other, or quantized now."""
+    sources = layout.sources(stored)
+    if not model.quantized:
+        return sources
+    leaves = dict(sources)
+    for path, source in sources.items():
+        if not quantization.is_quantized(path):
+            continue
+        scale_path = path.rsplit("/", 1)[0] + "/scale"
+        if stored.quantized:  # <name>_scale sits beside <name>, rows cut as the values'
+            leaves[scale_path] = _beside(source)
+        else:
+            leaves[path], leaves[scale_path] = _quantized(source)
+    return leaves
+
+
+def _beside(source: Source) -> Source:
+    return lambda read, i: source(lambda name: read(name + quantization.SCALE_SUFFIX), i)
+
+
+def _quantized(source: Source) -> tuple[Source, Source]:
+    """(int8 values, scales) of a float tensor, quantized once for both."""
+    last: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
+
+    def rows(read: Callable[[str], np.ndarray], layer: int | None) -> tuple[np.ndarray, ...]:
+        if layer not in last:
+            last.clear()  # one tensor at a time
+            last[layer] = quantization.quantize_rows(source(read, layer))
+        return last[layer]
+
+    return (lambda read, i: rows(read, i)[0]), (lambda read, i: rows(read, i)[1])
 
 
 def _flatten(tree: dict) -> Iterator[tuple[str, object]]:
@@ -317,17 +285,20 @@ def load(
     dtype: jnp.dtype | str | None = None,
     revision: str | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> Checkpoint:
     """Everything a runner needs from a checkpoint: mesh None is one device, dtype None the
-    platform's default (`default_dtype`)."""
+    platform's default (`default_dtype`); quantize "int8" quantizes a float checkpoint's
+    weights while loading (a checkpoint `starcoder-lsp quantize` wrote is int8 already)."""
     start = time.perf_counter()
     directory = resolve(name_or_path, revision)
     config = load_config(directory)
     tokenizer, tokens = load_tokenizer(directory)
     mesh = mesh if mesh is not None else sharding.make_mesh("1x1")
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
-    params = load_params(directory, config, mesh, dtype, progress)
+    params = load_params(directory, config, mesh, dtype, progress, quantize)
     jax.block_until_ready(params)
+    config = config.replace(quantization=config.quantization or quantize)
     return Checkpoint(
         directory, config, params, tokenizer, tokens, dtype, mesh, time.perf_counter() - start
     )

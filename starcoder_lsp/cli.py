@@ -3,7 +3,8 @@
 Each subcommand is two small functions: `_add_<name>` declares its arguments on the
 subparsers and registers `_run_<name>`, which does the work and returns the exit status.
 Heavy imports (JAX, transformers) happen inside the `_run_` functions so that `--help` and
-the other subcommands stay fast.
+the other subcommands stay fast. The module is longer than the others (its seven subcommands'
+flags and help texts are most of it) so that every flag of the command line is in one file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from starcoder_lsp.completer import Completer
+    from starcoder_lsp.config import ModelConfig
     from starcoder_lsp.factory import ModelOptions
     from starcoder_lsp.progress import Progress
 
@@ -43,17 +45,18 @@ def _add_make_random_model(subparsers: Subparsers) -> None:
         "make-random-model",
         help="write a StarCoder-shaped checkpoint with random weights (for tests, benchmarks)",
         description=(
-            "Write a Hugging Face GPTBigCode checkpoint (config.json, safetensors weights, "
-            "tokenizer) with random weights and the architecture of a StarCoder model. "
-            "The tokenizer is a byte-level BPE trained on the Python standard library with "
-            "StarCoder's special tokens at ids 0-18; it is cached under $STARCODER_LSP_CACHE "
+            "Write a Hugging Face checkpoint (config.json, safetensors weights, tokenizer) with "
+            "random weights and the architecture of a StarCoder model: GPTBigCode for the "
+            "StarCoder presets, Starcoder2 for starcoder2-*. The tokenizer is a byte-level BPE "
+            "trained on the Python standard library with the family's special tokens first "
+            "(StarCoder's 19, StarCoder2's 38); it is cached under $STARCODER_LSP_CACHE "
             "(default ~/.cache/starcoder-lsp). Large presets are written shard by shard "
             "(starcoder in float32 needs ~62 GB of disk)."
         ),
         epilog="presets:\n"
         + "\n".join(
             f"  {name:<18} {_count(config.num_parameters()):>6} parameters, "
-            f"{config.n_layer} layers, n_embd {config.n_embd}"
+            f"{config.n_layer} layers, n_embd {config.n_embd}, {_attention(config)}"
             for name, config in PRESETS.items()
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,7 +66,7 @@ def _add_make_random_model(subparsers: Subparsers) -> None:
         "--preset",
         required=True,
         choices=sorted(PRESETS),
-        help="the model's architecture; test-tiny is a 2-layer model for unit tests",
+        help="the model's architecture; test-tiny and test-tiny-2 are 2-layer models for tests",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
@@ -75,7 +78,7 @@ def _add_make_random_model(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--multi-head",
         action="store_true",
-        help="write the multi-head attention variant (multi_query false) instead of MQA",
+        help="GPTBigCode presets: the multi-head attention variant (multi_query false), not MQA",
     )
     parser.set_defaults(handler=_run_make_random_model)
 
@@ -85,14 +88,23 @@ def _run_make_random_model(args: argparse.Namespace) -> int:
 
     config = PRESETS[args.preset]
     if args.multi_head:
+        if config.n_kv_head is not None:
+            raise StarcoderError(f"--multi-head is for GPTBigCode presets, not {args.preset}")
         config = config.replace(multi_query=False)
     directory = write_random_model(args.directory, config, seed=args.seed, dtype=args.dtype)
-    attention = "multi-head" if args.multi_head else "multi-query"
     print(
         f"wrote {args.preset} ({_count(config.num_parameters())} parameters, "
-        f"{attention}, {args.dtype}, seed {args.seed}) to {directory}"
+        f"{_attention(config)}, {args.dtype}, seed {args.seed}) to {directory}"
     )
     return 0
+
+
+def _attention(config: ModelConfig) -> str:
+    if config.kv_heads == 1:
+        return "multi-query"
+    if config.kv_heads == config.n_head:
+        return "multi-head"
+    return f"grouped-query ({config.kv_heads} key/value heads)"
 
 
 def _int_list(text: str) -> list[int]:
@@ -113,7 +125,7 @@ def _add_bench(subparsers: Subparsers) -> None:
         ),
     )
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    _add_placement(parser)
+    _add_placement(parser, "also measure the model with int8 weights, beside --dtype's rows")
     parser.add_argument(
         "--prefill",
         type=_int_list,
@@ -131,7 +143,7 @@ def _add_bench(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_run_bench)
 
 
-def _add_placement(parser: argparse.ArgumentParser) -> None:
+def _add_placement(parser: argparse.ArgumentParser, quantize_help: str | None = None) -> None:
     """Where the model runs and in which precision."""
     parser.add_argument("--mesh", default="1x1", help="DPxMP device mesh (default: 1x1)")
     parser.add_argument(
@@ -139,6 +151,14 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16"),
         default=None,
         help="default: float32 on CPU, bfloat16 on GPU/TPU",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help=quantize_help
+        or "store the weights as int8 with a scale per output channel, quantized while "
+        "loading (a checkpoint `starcoder-lsp quantize` wrote is int8 already)",
     )
 
 
@@ -182,8 +202,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fim-mode",
         choices=("spm", "psm"),
-        default="spm",
-        help="fill-in-the-middle order (default: spm, which lets typing reuse the cache)",
+        default=None,
+        help="fill-in-the-middle order (default: the model's own: spm for StarCoder, which "
+        "lets typing reuse the cache; psm for StarCoder2)",
     )
     parser.add_argument(
         "--cache-slots",
@@ -197,6 +218,34 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="prefill every prompt whole (to measure what the cache saves)",
     )
     _add_compilation_cache(parser)
+    _add_draft_options(parser)
+
+
+def _add_draft_options(parser: argparse.ArgumentParser) -> None:
+    """Assisted generation: drafts the model verifies several at a time."""
+    group = parser.add_argument_group("assisted generation")
+    draft = group.add_mutually_exclusive_group()
+    draft.add_argument(
+        "--draft",
+        choices=("off", "prompt-lookup"),
+        default="off",
+        help="draft tokens from the prompt's own n-grams (default: off)",
+    )
+    draft.add_argument(
+        "--draft-model",
+        metavar="PATH_OR_HUB_ID",
+        help="draft tokens from a small model with the same tokenizer (e.g. "
+        "bigcode/tiny_starcoder_py for a larger StarCoder)",
+    )
+    group.add_argument(
+        "--draft-tokens", type=int, default=4, help="draft tokens per step (default: 4)"
+    )
+    group.add_argument(
+        "--draft-ngram",
+        type=int,
+        default=3,
+        help="longest n-gram prompt lookup matches (default: 3)",
+    )
 
 
 def _model_options(args: argparse.Namespace, slots: int) -> ModelOptions:
@@ -209,6 +258,10 @@ def _model_options(args: argparse.Namespace, slots: int) -> ModelOptions:
         slots=slots,
         prefix_cache=not getattr(args, "no_prefix_cache", False),
         compilation_cache=_compilation_cache(args),
+        draft=getattr(args, "draft_model", None) or getattr(args, "draft", "off"),
+        draft_tokens=getattr(args, "draft_tokens", 4),
+        draft_ngram=getattr(args, "draft_ngram", 3),
+        quantize=getattr(args, "quantize", None),
     )
 
 
@@ -382,6 +435,32 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="write an int8 copy of a checkpoint, so a server starts without converting",
+        description="Write SRC's weights to DST as int8 with a float scale per output channel "
+        "(plain safetensors, the scales beside the weights as <name>_scale, the quantization "
+        "recorded in config.json), one tensor at a time. The position table and the biases and "
+        "layer norms stay as they are. Serve DST as any checkpoint.",
+    )
+    parser.add_argument("source", metavar="SRC", help="checkpoint directory or hub id")
+    parser.add_argument("target", metavar="DST", type=Path, help="where to write the copy")
+    parser.set_defaults(handler=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from starcoder_lsp.checkpoint import resolve
+    from starcoder_lsp.quantize import quantize_checkpoint
+
+    source = resolve(args.source)
+    quantize_checkpoint(source, args.target, progress=lambda line: print(line, file=sys.stderr))
+    before = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    after = sum(p.stat().st_size for p in args.target.glob("*.safetensors"))
+    print(f"wrote {args.target}: {after / 1e9:.2f} GB of weights (from {before / 1e9:.2f} GB)")
+    return 0
+
+
 def _add_settings(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "settings",
@@ -422,6 +501,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_bench,
     _add_complete,
     _add_serve,
+    _add_quantize,
     _add_settings,
 )
 

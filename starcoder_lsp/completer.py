@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from starcoder_lsp import docstring, postprocess
-from starcoder_lsp.prompt import FimPrompt, PromptOptions, build_prompt, default_budgets
+from starcoder_lsp.prompt import FimMode, FimPrompt, PromptOptions, build_prompt, default_budgets
 from starcoder_lsp.request import Handle, Request, Result
 from starcoder_lsp.settings import Settings
 from starcoder_lsp.special_tokens import SpecialTokens
@@ -75,17 +75,21 @@ class Pending:
 
 
 class Completer:
-    def __init__(self, engine: Engine, tokenizer: object, tokens: SpecialTokens) -> None:
+    def __init__(
+        self, engine: Engine, tokenizer: object, tokens: SpecialTokens, fim_mode: FimMode = "spm"
+    ) -> None:
+        """fim_mode: the order used where the settings name none (the model's trained one)."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.tokens = tokens
+        self.fim_mode = fim_mode
         self._shown: dict[Hashable, _Shown] = {}
 
     def options(self, settings: Settings, filename: str | None = None) -> PromptOptions:
-        context = self.engine.context
-        prefix, suffix = default_budgets(context, settings.max_new_tokens)
+        mode = settings.fim_mode or self.fim_mode
+        prefix, suffix = default_budgets(self.engine.context, settings.max_new_tokens, mode)
         return PromptOptions(
-            mode=settings.fim_mode,
+            mode=mode,
             prefix_tokens=settings.prefix_tokens or prefix,
             suffix_tokens=settings.suffix_tokens or suffix,
             filename=filename if settings.filename else None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import jax
 
+from starcoder_lsp.assist import Assistant, AssistRow
 from starcoder_lsp.cache import Lease, PrefixCache
 from starcoder_lsp.progress import Progress
 from starcoder_lsp.request import Handle, Request, Result
@@ -68,7 +69,8 @@ class Engine:
     """The scheduler between the server's connections and the runner; see the module doc.
 
     decode: token ids → text (the tokenizer's), for stop rules and results; stop_ids: the
-    tokens that end a generation.
+    tokens that end a generation; assistant: drafts that a step verifies (assist.py), so that
+    a step may produce several tokens of a row.
     """
 
     def __init__(
@@ -77,8 +79,10 @@ class Engine:
         decode: Callable[[Sequence[int]], str],
         stop_ids: Sequence[int],
         prefix_cache: bool = True,
+        assistant: Assistant | None = None,
     ) -> None:
         self.runner = runner
+        self.assistant = assistant
         self._decode_text = decode
         self._stop_ids = frozenset(stop_ids)
         self.prefix_cache = PrefixCache(runner.slots, enabled=prefix_cache)
@@ -156,6 +160,8 @@ class Engine:
         try:
             if self._warmup:
                 self._cache = self.runner.warmup(self._progress)
+                if self.assistant is not None:
+                    self.assistant.drafter.warmup()
             else:
                 self._cache = self.runner.new_cache()
         except Exception as e:  # compilation failed: every request gets the error
@@ -216,21 +222,57 @@ class Engine:
         self._active = rows
         if not rows:
             return
+        sampling = _sampling([r.handle.request for r in rows])
+        new_tokens = self._assisted(rows, sampling) if self.assistant else None
+        if new_tokens is None:
+            new_tokens = [[token] for token in self._decode(rows, sampling)]
+        still = []
+        for row, tokens in zip(rows, new_tokens, strict=True):
+            row.decode_steps += 1
+            if not self._take(row, tokens):
+                still.append(row)
+        self._active = still
+
+    def _decode(self, rows: list[_Row], sampling: Sampling) -> list[int]:
+        """One plain decode step: each row's next token."""
         slots = [r.lease.slot for r in rows]
         tokens = [r.generated[-1] for r in rows]
         positions = [len(r.written) for r in rows]
         logits, self._cache = self.runner.decode(self._cache, slots, tokens, positions)
-        sampling = _sampling([r.handle.request for r in rows])
         padded = self.runner.pad_sampling(sampling, len(rows))
-        next_tokens = self.runner.sample(logits, padded, self._next_key())
-        still = []
-        for row, token in zip(rows, next_tokens, strict=False):
+        if self.assistant is not None:
+            self.assistant.plain_step(len(rows))
+        return [int(t) for t in self.runner.sample(logits, padded, self._next_key())[: len(rows)]]
+
+    def _assisted(self, rows: list[_Row], sampling: Sampling) -> list[list[int]] | None:
+        """Each row's new tokens from one verified step of drafts; None when none has any."""
+        assist_rows = [
+            AssistRow(
+                key=r.handle,
+                group=r.handle.request.group if r.handle.request.group is not None else r.handle,
+                tokens=[*r.written, r.generated[-1]],
+                slot=r.lease.slot,
+                room=min(
+                    r.handle.request.max_new_tokens - len(r.generated),
+                    self.runner.max_len - len(r.written) - 1,
+                ),
+            )
+            for r in rows
+        ]
+        new_tokens, self._cache = self.assistant.step(
+            self.runner, self._cache, assist_rows, sampling, self._next_key()
+        )
+        return new_tokens
+
+    def _take(self, row: _Row, tokens: Sequence[int]) -> bool:
+        """Append a step's tokens to the row one at a time, as plain decoding would, and
+        finish it where it ends (the tokens after an end are dropped). True if it ended."""
+        for token in tokens:
             row.written.append(row.generated[-1])
-            row.generated.append(int(token))
-            row.decode_steps += 1
-            if not self._finish_if_done(row):
-                still.append(row)
-        self._active = still
+            row.generated.append(token)
+            if self._finish_if_done(row):
+                return True
+        return False
 
     # -- finishing -------------------------------------------------------------------------------
 
@@ -254,6 +296,8 @@ class Engine:
 
     def _finish(self, row: _Row, reason: str) -> None:
         self.prefix_cache.release(row.lease, row.written)
+        if self.assistant is not None:
+            self.assistant.finished(row.handle, row.written)
         self._resolve(row.handle, row.result(reason, self._text(row.generated)))
 
     def _resolve(self, handle: Handle, result: Result) -> None:
@@ -266,6 +310,8 @@ class Engine:
     def _fail_active(self, error: Exception) -> None:
         for row in self._active:
             self.prefix_cache.discard(row.lease)
+            if self.assistant is not None:
+                self.assistant.finished(row.handle, [])
             if not row.handle.future.done():
                 row.handle.future.set_exception(error)
         self._active = []

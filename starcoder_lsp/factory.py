@@ -10,13 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from starcoder_lsp import checkpoint, sharding
+from starcoder_lsp import assist, checkpoint, sharding
+from starcoder_lsp.assist import Assistant
 from starcoder_lsp.checkpoint import Checkpoint
 from starcoder_lsp.compilation import enable_compilation_cache
 from starcoder_lsp.completer import Completer
 from starcoder_lsp.engine import Engine
 from starcoder_lsp.progress import Progress
+from starcoder_lsp.prompt import TRAINED_FIM_MODE
 from starcoder_lsp.runner import Runner
+from starcoder_lsp.speculate import OFF, PROMPT_LOOKUP
 
 DEFAULT_SLOTS = 8
 
@@ -31,6 +34,16 @@ class ModelOptions:
     slots: int = DEFAULT_SLOTS  # key/value cache rows: requests decoding at once
     prefix_cache: bool = True
     compilation_cache: str | Path | None = None  # where compiled programs persist; None: off
+    # Assisted generation: "off", "prompt-lookup", or a draft model's checkpoint (a directory
+    # or hub id with the model's tokenizer); draft_tokens per step; the lookup's n-gram.
+    draft: str = OFF
+    draft_tokens: int = 4
+    draft_ngram: int = 3
+    quantize: str | None = None  # "int8": weights as int8 with a scale per channel
+
+    @property
+    def draft_model(self) -> str | None:
+        return None if self.draft in (OFF, PROMPT_LOOKUP) else self.draft
 
 
 def load_checkpoint(options: ModelOptions, progress: Progress | None = None) -> Checkpoint:
@@ -40,7 +53,9 @@ def load_checkpoint(options: ModelOptions, progress: Progress | None = None) -> 
     if progress is not None:
         progress(0, 1, f"loading {options.model}")
     mesh = sharding.make_mesh(options.mesh)
-    return checkpoint.load(options.model, mesh, options.dtype, progress=progress)
+    return checkpoint.load(
+        options.model, mesh, options.dtype, progress=progress, quantize=options.quantize
+    )
 
 
 def build_engine(
@@ -48,15 +63,32 @@ def build_engine(
     runner: Runner | None = None,
     *,
     prefix_cache: bool = True,
+    assistant: Assistant | None = None,
     **runner_options: object,
 ) -> Engine:
     """An engine (not started) over `runner`, or over a new runner made with the options."""
-    runner = runner if runner is not None else Runner.from_checkpoint(ckpt, **runner_options)
-    return Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids, prefix_cache=prefix_cache)
+    if runner is None:
+        if assistant is not None:
+            runner_options.setdefault("draft_tokens", assistant.k)
+            runner_options.setdefault("draft_distributions", assistant.drafter.distributions)
+        runner = Runner.from_checkpoint(ckpt, **runner_options)
+    stop_ids = ckpt.tokens.stop_ids
+    return Engine(runner, ckpt.tokenizer.decode, stop_ids, prefix_cache, assistant)
+
+
+def build_assistant(
+    options: ModelOptions, ckpt: Checkpoint, progress: Progress | None = None
+) -> Assistant | None:
+    """The drafter the options ask for, on the model's mesh; None when assisting is off."""
+    return assist.build(
+        options.draft, ckpt, options.slots, options.draft_tokens, options.draft_ngram, progress
+    )
 
 
 def completer_for(ckpt: Checkpoint, engine: Engine) -> Completer:
-    return Completer(engine, ckpt.tokenizer, ckpt.tokens)
+    """A completer that writes prompts in the order the checkpoint's family was trained with."""
+    fim_mode = TRAINED_FIM_MODE[ckpt.config.model_type]
+    return Completer(engine, ckpt.tokenizer, ckpt.tokens, fim_mode)
 
 
 def build_completer(
@@ -69,8 +101,16 @@ def build_completer(
     """Everything, started: the engine compiles every shape first when `warmup` (a server),
     else each shape when first needed (a one-shot command)."""
     ckpt = load_checkpoint(options, progress)
+    assistant = build_assistant(options, ckpt, progress)
+    if assistant is not None and options.draft_model is not None:
+        # A draft cannot propose past its own context.
+        runner_options.setdefault("max_len", assistant.drafter.runner.max_len)
     engine = build_engine(
-        ckpt, prefix_cache=options.prefix_cache, slots=options.slots, **runner_options
+        ckpt,
+        prefix_cache=options.prefix_cache,
+        assistant=assistant,
+        slots=options.slots,
+        **runner_options,
     )
     engine.start(progress, warmup=warmup)
     return completer_for(ckpt, engine)

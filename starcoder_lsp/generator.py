@@ -9,7 +9,8 @@ decodes one step per call instead (see engine.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -19,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from starcoder_lsp import checkpoint, sharding
+from starcoder_lsp import assist, checkpoint, sharding
+from starcoder_lsp.assist import Assistant, AssistRow
 from starcoder_lsp.config import ModelConfig
-from starcoder_lsp.runner import Runner
+from starcoder_lsp.runner import DEFAULT_BATCHES, Runner
 from starcoder_lsp.sampling import Sampling, split_key
+from starcoder_lsp.speculate import OFF
 from starcoder_lsp.stopping import cut_at_stop, finish_reason, stop_strings_rule
 
 # The Generator decodes this many steps per compiled call where at least as many tokens are
@@ -46,12 +49,13 @@ class GenerationState(NamedTuple):
     positions: np.ndarray
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     slot: int
     position: int  # where the last token goes: the tokens before it are cached
     tokens: list[int] = field(default_factory=list)
     done: str | None = None
+    prompt: list[int] = field(default_factory=list)
 
 
 class Generator:
@@ -65,8 +69,17 @@ class Generator:
     is generated in groups.
     """
 
-    def __init__(self, ckpt: checkpoint.Checkpoint, **runner_options: object) -> None:
+    def __init__(
+        self,
+        ckpt: checkpoint.Checkpoint,
+        assistant: Assistant | None = None,
+        **runner_options: object,
+    ) -> None:
         runner_options.setdefault("steps_per_call", GENERATOR_STEPS_PER_CALL)
+        if assistant is not None:
+            runner_options.setdefault("draft_tokens", assistant.k)
+            runner_options.setdefault("draft_distributions", assistant.drafter.distributions)
+        self.assistant = assistant
         self.checkpoint = ckpt
         self.tokenizer = ckpt.tokenizer
         self.tokens = ckpt.tokens
@@ -80,10 +93,17 @@ class Generator:
         name_or_path: str | Path,
         mesh: Mesh | None = None,
         dtype: str | jnp.dtype | None = None,
+        draft: str = OFF,
+        draft_tokens: int = 4,
+        quantize: str | None = None,
         **runner_options: object,
     ) -> Generator:
-        """Load a checkpoint directory or hub id; dtype None is the platform's default."""
-        return cls(checkpoint.load(name_or_path, mesh, dtype), **runner_options)
+        """Load a checkpoint directory or hub id; dtype None is the platform's default.
+        draft: "prompt-lookup", or a draft model's directory or hub id, for assisted
+        generation (`draft_tokens` per step); "off" by default. quantize: "int8" weights."""
+        ckpt = checkpoint.load(name_or_path, mesh, dtype, quantize=quantize)
+        slots = int(runner_options.get("slots") or max(DEFAULT_BATCHES))
+        return cls(ckpt, assist.build(draft, ckpt, slots, draft_tokens), **runner_options)
 
     from_huggingface = from_pretrained
 
@@ -93,7 +113,7 @@ class Generator:
 
     def shard(self, mesh: Mesh) -> Generator:
         """Move the parameters onto `mesh` with the partition rules of sharding.py."""
-        targets = sharding.param_shardings(self.checkpoint.params, mesh)
+        targets = sharding.param_shardings(self.checkpoint.params, mesh, self.config)
         params = jax.tree_util.tree_map(jax.device_put, self.checkpoint.params, targets)
         self.checkpoint.params, self.checkpoint.mesh = params, mesh
         self.runner = Runner.from_checkpoint(self.checkpoint, **self._runner_options)
@@ -146,6 +166,20 @@ class Generator:
         stop: Sequence[str],
     ) -> list[Completion]:
         start = time.perf_counter()
+        rows, calls = _last(self._steps(prompts, sampling, key, max_new_tokens, stop))
+        elapsed = time.perf_counter() - start
+        return [self._completion(row, stop, calls, elapsed) for row in rows]
+
+    def _steps(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        key: jax.Array,
+        max_new_tokens: int,
+        stop: Sequence[str],
+    ) -> Iterator[tuple[list[_Row], int]]:
+        """Generate for rows that fit the cache, yielding (the rows, prefill calls made) after
+        prefill and after every step, for streaming; the last yield has every row done."""
         runner = self.runner
         cache = self._take_cache()
         stopped_by_text = stop_strings_rule(stop)
@@ -158,32 +192,75 @@ class Generator:
 
         rows: list[_Row] = []
         calls = 0
-        for slot, prompt in enumerate(prompts):
-            logits, cache, n = runner.prefill(cache, slot, prompt, 0)
-            key, sub = split_key(key)
-            first = runner.sample(logits, sampling.select([slot]), sub)
-            rows.append(_Row(slot, len(prompt), [int(first[0])]))
-            calls += n
-        for row in rows:
-            row.done = finish(row)
-        while active := [r for r in rows if r.done is None]:
-            slots = [r.slot for r in active]
-            left = max(max_new_tokens - len(r.tokens) for r in active)
-            key, sub = split_key(key)
-            tokens, positions = [r.tokens[-1] for r in active], [r.position for r in active]
-            new, cache = self._decode(
-                cache, slots, tokens, positions, sampling.select(slots), sub, left
+        try:
+            for slot, prompt in enumerate(prompts):
+                logits, cache, n = runner.prefill(cache, slot, prompt, 0)
+                key, sub = split_key(key)
+                first = runner.sample(logits, sampling.select([slot]), sub)
+                rows.append(_Row(slot, len(prompt), [int(first[0])], prompt=prompt))
+                calls += n
+            for row in rows:
+                row.done = finish(row)
+            yield rows, calls
+            while active := [r for r in rows if r.done is None]:
+                key, sub = split_key(key)
+                new, cache = self._next_tokens(cache, active, sampling, sub, max_new_tokens)
+                for row, row_new in zip(active, new, strict=True):
+                    for token in row_new:
+                        row.tokens.append(int(token))
+                        row.position += 1
+                        row.done = finish(row)
+                        if row.done:
+                            break  # the rest of the step's tokens for this row are dropped
+                yield rows, calls
+        finally:
+            self._cache = cache
+            if self.assistant is not None:
+                for row in rows:
+                    self.assistant.finished(row, [*row.prompt, *row.tokens[:-1]])
+
+    def _next_tokens(
+        self,
+        cache: jax.Array,
+        rows: list[_Row],
+        sampling: Sampling,
+        key: jax.Array,
+        max_new_tokens: int,
+    ) -> tuple[list[Sequence[int]], jax.Array]:
+        """Each row's next tokens: the drafts the model keeps and its own, with an assistant;
+        else several decode steps in one call where at least as many tokens are left to
+        generate, or one."""
+        slots = [r.slot for r in rows]
+        row_sampling = sampling.select(slots)
+        if self.assistant is not None:
+            assist_rows = [
+                AssistRow(
+                    key=r,
+                    group=r,
+                    tokens=[*r.prompt, *r.tokens],
+                    slot=r.slot,
+                    room=min(max_new_tokens - len(r.tokens), self.runner.max_len - r.position - 1),
+                )
+                for r in rows
+            ]
+            key, drafting = split_key(key)
+            new, cache = self.assistant.step(
+                self.runner, cache, assist_rows, row_sampling, drafting
             )
-            for row, row_new in zip(active, new, strict=True):
-                for token in row_new:
-                    row.tokens.append(int(token))
-                    row.position += 1
-                    row.done = finish(row)
-                    if row.done:
-                        break  # the rest of the call's tokens for this row are dropped
-        self._cache = cache
-        elapsed = time.perf_counter() - start
-        return [self._completion(row, stop, calls, elapsed) for row in rows]
+            if new is not None:
+                return new, cache
+        runner = self.runner
+        tokens, positions = [r.tokens[-1] for r in rows], [r.position for r in rows]
+        left = max(max_new_tokens - len(r.tokens) for r in rows)
+        if runner.steps_per_call > 1 and left >= runner.steps_per_call:
+            new, cache = runner.decode_steps(cache, slots, tokens, positions, row_sampling, key)
+        else:
+            logits, cache = runner.decode(cache, slots, tokens, positions)
+            new = runner.sample(logits, runner.pad_sampling(row_sampling, len(slots)), key)
+            new = new[: len(slots), None]
+        if self.assistant is not None:
+            self.assistant.plain_step(len(rows), new.shape[1])
+        return new, cache
 
     def _completion(self, row: _Row, stop: Sequence[str], calls: int, seconds: float) -> Completion:
         text = self.decode([t for t in row.tokens if t not in self.tokens.stop_ids])
@@ -194,25 +271,6 @@ class Generator:
             prefill_calls=calls,
             seconds=seconds,
         )
-
-    def _decode(
-        self,
-        cache: jax.Array,
-        slots: list[int],
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        sampling: Sampling,
-        key: jax.Array,
-        left: int,
-    ) -> tuple[np.ndarray, jax.Array]:
-        """The next tokens of each row [rows, steps]: several steps in one call where at least
-        as many tokens are `left` to generate, else one."""
-        runner = self.runner
-        if runner.steps_per_call > 1 and left >= runner.steps_per_call:
-            return runner.decode_steps(cache, slots, tokens, positions, sampling, key)
-        logits, cache = runner.decode(cache, slots, tokens, positions)
-        new = runner.sample(logits, runner.pad_sampling(sampling, len(slots)), key)
-        return new[: len(slots), None], cache
 
     # -- starcoder-jax's API ------------------------------------------------------------
 
@@ -252,11 +310,7 @@ class Generator:
         """Prefill each row's prompt; returns (first new tokens [b], state, rng)."""
         tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
         batch = tokens.shape[0]
-        if batch > self.runner.slots:
-            raise ValueError(
-                f"a batch of {batch} exceeds the {self.runner.slots} cache rows; "
-                "pass slots=N to from_pretrained"
-            )
+        self._check_batch(batch)
         sampling = Sampling.rows(temperature, top_p, 0 if top_k is None else top_k, batch)
         cache = self._take_cache()
         first, positions = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
@@ -298,26 +352,53 @@ class Generator:
         max_new_tokens: int = 1024,
     ) -> tuple[np.ndarray, jax.Array]:
         """int32 [b, max_new_tokens]: each row's tokens up to and including its end-of-text,
-        then -1. Decodes several steps per compiled call (steps_per_call)."""
+        then -1. Decodes several steps per compiled call (steps_per_call), or verifies drafts
+        with an assistant."""
+        tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
         batch = len(tokens)
-        for prompt_tokens in np.asarray(mask, bool).sum(axis=1):
-            self.runner.check_fits(int(prompt_tokens), max_new_tokens)
-        out = np.full((batch, max_new_tokens), -1, np.int32)
-        new, state, rng = self.generate_from_context(tokens, mask, rng, temperature, top_p, top_k)
+        prompts = [row[row_mask].tolist() for row, row_mask in zip(tokens, mask, strict=True)]
+        for prompt in prompts:
+            self.runner.check_fits(len(prompt), max_new_tokens)
+        self._check_batch(batch)
         sampling = Sampling.rows(temperature, top_p, 0 if top_k is None else top_k, batch)
-        ended = np.zeros(batch, bool)
-        step, cache, positions = 0, state.cache, state.positions
-        new = new[:, None]
-        while True:
-            for column in new.T[: max_new_tokens - step]:
-                out[~ended, step] = column[~ended]
-                ended |= np.isin(column, self.tokens.stop_ids)
-                step += 1
-            if ended.all() or step == max_new_tokens:
-                self._cache = cache
-                return out, rng
-            rng, sub = split_key(rng)
-            rows, last = list(range(batch)), new[:, -1].tolist()
-            left = max_new_tokens - step
-            new, cache = self._decode(cache, rows, last, positions.tolist(), sampling, sub, left)
-            positions = positions + new.shape[1]
+        rng, sub = split_key(rng)
+        rows, _ = _last(self._steps(prompts, sampling, sub, max_new_tokens, ()))
+        out = np.full((batch, max_new_tokens), -1, np.int32)
+        for i, row in enumerate(rows):
+            out[i, : len(row.tokens)] = row.tokens
+        return out, rng
+
+    def stream(
+        self,
+        prompt: Sequence[int] | str,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Sequence[str] = (),
+        seed: int | jax.Array = 0,
+    ) -> Iterator[list[int]]:
+        """The new tokens of one prompt as each step makes them: one at a time when decoding
+        plainly, as many as were accepted when an assistant's drafts are verified."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.runner.check_fits(len(ids), max_new_tokens)
+        key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+        sampling = Sampling.rows(temperature, top_p, top_k)
+        sent = 0
+        for rows, _ in self._steps([ids], sampling, key, max_new_tokens, stop):
+            new = rows[0].tokens[sent:]
+            sent = len(rows[0].tokens)
+            if new:
+                yield new
+
+    def _check_batch(self, batch: int) -> None:
+        if batch > self.runner.slots:
+            raise ValueError(
+                f"a batch of {batch} exceeds the {self.runner.slots} cache rows; "
+                "pass slots=N to from_pretrained"
+            )
+
+
+def _last(steps: Iterator[tuple[list[_Row], int]]) -> tuple[list[_Row], int]:
+    """Run a generation to its end."""
+    return deque(steps, maxlen=1)[0]

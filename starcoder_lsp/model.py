@@ -1,4 +1,11 @@
-"""GPTBigCode (StarCoder) in Flax: GPT-2 with multi-query attention and learned positions.
+"""The StarCoder family in Flax: GPTBigCode and StarCoder2, one module, as the config says.
+
+GPTBigCode (StarCoder, StarCoderBase, tiny_starcoder_py) is GPT-2 with multi-query attention
+and learned positions. StarCoder2 has the same blocks (layer norms with biases, a GELU MLP,
+biases in every linear layer) with rotary positions, grouped-query attention, a sliding
+attention window and, where the checkpoint says so, an LM head of its own. Keys are cached
+after rotation, so a slot's keys and values stay valid for any prompt that shares its token
+prefix, as with learned positions.
 
 The forward pass is a pure function of token ids, their absolute positions and the keys and
 values already computed for earlier positions of each row. It returns logits and the keys and
@@ -11,13 +18,10 @@ with `scan` compiles faster, but XLA on CPU then copies each layer's weights out
 at every step, which doubles the memory traffic of decoding (measured: 76 ms against 45 ms
 per token for tiny_starcoder_py), and decoding is bound by exactly that traffic.
 
-Parameter layout (the loader in checkpoint.py maps transformers' names onto it):
-  wte/embedding [vocab, d]      wpe/embedding [positions, d]       ln_f/{scale,bias}
-  h_i/ln_1, h_i/ln_2            h_i/attn/q_proj [heads·hd, d]     h_i/attn/kv_proj [2·kv·hd, d]
-  h_i/attn/c_proj [d, d]        h_i/mlp/c_fc [inner, d]           h_i/mlp/c_proj [d, inner]
-Linear weights keep transformers' [out, in] layout (see `project` for why).
-transformers fuses q, k and v into c_attn; they are kept apart here so that the query heads
-can be split across devices while the single MQA key/value head is replicated.
+The parameter layout is in layout.py, which maps each family's tensor names onto it. Linear
+weights keep transformers' [out, in] layout (see `project` for why). Queries and keys/values
+have projections of their own (GPTBigCode fuses them into c_attn), so that the query heads
+can be split across devices while a single MQA key/value head is replicated.
 """
 
 from __future__ import annotations
@@ -58,18 +62,112 @@ def project(x: jax.Array, weight: jax.Array) -> jax.Array:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+# On one CPU device, XLA's dot of an int8 weight (converted in the product, or int8 × int8)
+# runs 6-7× slower than float32's, element by element (measured on tiny_starcoder_py's
+# matrices, benchmarks in the closing note of issue 19): the product is taken in blocks of
+# this many rows instead, each converted to float32 where it sits in the CPU's cache.
+CPU_INT8_BLOCK = 128
+
+
+def project_int8(x: jax.Array, weight: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [..., in] · (weight · scale)ᵀ for an int8 weight [out, in] with a scale per row
+    [out]: the scale is applied to the product, never to the weight, so the weight is read as
+    the int8 it is stored as."""
+    rows = x.reshape(-1, x.shape[-1])
+    contract = (((1,), (1,)), ((), ()))
+    few = rows.shape[0] <= FEW_ROWS
+    if few and _one_cpu() and weight.shape[0] % CPU_INT8_BLOCK == 0:
+        blocks = weight.reshape(-1, CPU_INT8_BLOCK, weight.shape[1])
+
+        def block(carry: None, w: jax.Array) -> tuple[None, jax.Array]:
+            product = jax.lax.dot_general(w.astype(rows.dtype), rows, contract)
+            return carry, product.astype(jnp.float32)
+
+        _, out = jax.lax.scan(block, None, blocks)
+        out = out.reshape(weight.shape[0], rows.shape[0]).T
+    elif few:
+        out = jax.lax.dot_general(weight, rows, contract, preferred_element_type=jnp.float32)
+        out = jax.lax.optimization_barrier(out).T
+    else:
+        out = jax.lax.dot_general(rows, weight, contract, preferred_element_type=jnp.float32)
+    out = (out * scale).astype(x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _one_cpu() -> bool:
+    """A single CPU device: where the weights are whole, so a loop over their rows is local."""
+    return jax.device_count() == 1 and jax.default_backend() == "cpu"
+
+
 class Linear(nn.Module):
-    """A dense layer whose weight is [out, in], the layout of the checkpoint files."""
+    """A dense layer whose weight is [out, in], the layout of the checkpoint files; int8
+    with a float scale per output channel where the model is quantized (quantize.py)."""
 
     features: int
     dtype: jnp.dtype
+    use_bias: bool = True
+    quantized: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.normal(0.02)
-        weight = self.param("kernel", init, (self.features, x.shape[-1]), self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-        return project(x.astype(self.dtype), weight) + bias
+        shape = (self.features, x.shape[-1])
+        x = x.astype(self.dtype)
+        if self.quantized:
+            weight = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
+            scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+            out = project_int8(x, weight, scale)
+        else:
+            weight = self.param("kernel", nn.initializers.normal(0.02), shape, self.dtype)
+            out = project(x, weight)
+        if not self.use_bias:
+            return out
+        return out + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+
+
+class Embed(nn.Module):
+    """A table of vectors [num, features], looked up by index; int8 with a scale per row
+    where the model is quantized. `attend` is the tied LM head: x · tableᵀ."""
+
+    num: int
+    features: int
+    dtype: jnp.dtype
+    quantized: bool = False
+
+    def setup(self) -> None:
+        shape = (self.num, self.features)
+        if self.quantized:
+            self.embedding = self.param("embedding", nn.initializers.zeros, shape, jnp.int8)
+            self.scale = self.param("scale", nn.initializers.ones, (self.num,), jnp.float32)
+        else:
+            init = nn.initializers.normal(0.02)
+            self.embedding = self.param("embedding", init, shape, self.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        rows = jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        if self.quantized:
+            rows = rows * jnp.take(self.scale, ids, axis=0)[..., None].astype(self.dtype)
+        return rows
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        if self.quantized:
+            return project_int8(x, self.embedding, self.scale)
+        return project(x, self.embedding)
+
+
+def rotate(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding of x [b, s, ..., hd] at positions [b, s], as transformers'
+    StarCoder2 applies it: the two halves of each head rotate together (not interleaved),
+    angles computed in float32."""
+    hd = x.shape[-1]
+    inverse = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inverse  # [b, s, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    shape = (*angles.shape[:2], *([1] * (x.ndim - 3)), hd)
+    cos = jnp.cos(angles).reshape(shape).astype(x.dtype)
+    sin = jnp.sin(angles).reshape(shape).astype(x.dtype)
+    half = hd // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -93,7 +191,12 @@ class LayerModule(nn.Module):
 class Attention(LayerModule):
     @nn.compact
     def __call__(
-        self, x: jax.Array, new_visible: jax.Array, past: PastKV, recent: jax.Array | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        new_visible: jax.Array,
+        past: PastKV,
+        recent: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         """x [b, s, d] → (output [b, s, d], new_kv [2, b, s, kv_heads, hd]). recent: this
         layer's keys and values of tokens decoded earlier in the call, [2, b, steps, kv, hd]."""
@@ -101,20 +204,37 @@ class Attention(LayerModule):
         batch, seq, _ = x.shape
         heads, kv_heads, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         group = heads // kv_heads
-        dense = lambda features, name: Linear(features, self.dtype, name=name)
+        dense = lambda features, name: Linear(
+            features, self.dtype, cfg.use_bias, cfg.quantized, name=name
+        )
 
         q = dense(heads * hd, "q_proj")(x).reshape(batch, seq, kv_heads, group, hd)
-        kv = dense(2 * kv_heads * hd, "kv_proj")(x).reshape(batch, seq, 2, kv_heads, hd)
-        new_kv = kv.transpose(2, 0, 1, 3, 4).astype(past.kv.dtype)  # [2, b, s, kv_heads, hd]
+        kv = dense(kv_heads * 2 * hd, "kv_proj")(x).reshape(batch, seq, kv_heads, 2, hd)
+        keys, values = kv[:, :, :, 0], kv[:, :, :, 1]  # [b, s, kv_heads, hd]
+        if not cfg.learned_positions:
+            q, keys = rotate(q, positions, cfg.rope_theta), rotate(keys, positions, cfg.rope_theta)
+        new_kv = jnp.stack([keys, values]).astype(past.kv.dtype)  # [2, b, s, kv_heads, hd]
 
         scale = hd**-0.5 if cfg.scale_attn_weights else 1.0
         q = q * jnp.asarray(scale, q.dtype)
+        # Queries of all heads sharing a key/value head form one matrix: with MQA the scores
+        # of a row are a single [seq·heads, hd] × [hd, time] product.
         q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, seq * group, hd)
         keys, values = new_kv[0], new_kv[1]
         if recent is not None:
             keys = jnp.concatenate([recent[0], keys], axis=1)
             values = jnp.concatenate([recent[1], values], axis=1)
-        out = attend(q, (keys, values), new_visible, past, self.layer, self.past_block, self.mesh)
+        out = attend(
+            q,
+            (keys, values),
+            new_visible,
+            past,
+            self.layer,
+            positions,
+            window=cfg.sliding_window,
+            past_block=self.past_block,
+            mesh=self.mesh,
+        )
         out = out.astype(self.dtype).reshape(batch, kv_heads, seq, group, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads * hd)  # [b, s, heads·hd]
         return dense(cfg.n_embd, "c_proj")(out), new_kv
@@ -127,22 +247,27 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        h = Linear(cfg.inner_dim, self.dtype, name="c_fc")(x)
+        h = Linear(cfg.inner_dim, self.dtype, cfg.use_bias, cfg.quantized, name="c_fc")(x)
         h = activation(cfg.activation_function)(h)
-        return Linear(cfg.n_embd, self.dtype, name="c_proj")(h)
+        return Linear(cfg.n_embd, self.dtype, cfg.use_bias, cfg.quantized, name="c_proj")(h)
 
 
 class Block(LayerModule):
     @nn.compact
     def __call__(
-        self, x: jax.Array, new_visible: jax.Array, past: PastKV, recent: jax.Array | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        new_visible: jax.Array,
+        past: PastKV,
+        recent: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         norm = lambda name: nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name=name
         )
         attention = Attention(cfg, self.dtype, self.layer, self.past_block, self.mesh, name="attn")
-        attn_out, new_kv = attention(norm("ln_1")(x), new_visible, past, recent)
+        attn_out, new_kv = attention(norm("ln_1")(x), positions, new_visible, past, recent)
         x = x + attn_out
         x = x + MLP(cfg, self.dtype, name="mlp")(norm("ln_2")(x))
         return x, new_kv
@@ -179,20 +304,19 @@ class GPTBigCode(nn.Module):
         recent: RecentKV | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        embed = lambda n, name: nn.Embed(
-            n, cfg.n_embd, dtype=self.dtype, param_dtype=self.dtype, name=name
-        )
-        wte = embed(cfg.vocab_size, "wte")
-        x = wte(tokens) + embed(cfg.n_positions, "wpe")(positions)  # [b, s, d]
+        wte = Embed(cfg.vocab_size, cfg.n_embd, self.dtype, cfg.quantized, name="wte")
+        x = wte(tokens)  # [b, s, d]
+        if cfg.learned_positions:  # one row a step: never quantized
+            x = x + Embed(cfg.n_positions, cfg.n_embd, self.dtype, name="wpe")(positions)
 
-        new_visible = new_token_mask(positions, valid)
+        new_visible = new_token_mask(positions, valid, cfg.sliding_window)
         if recent is not None:
-            new_visible = with_recent(new_visible, recent)
+            new_visible = with_recent(new_visible, recent, cfg.sliding_window)
         new_kv = []
         for i in range(cfg.n_layer):
             # The whole cache goes to every layer: slicing a layer out of it here would copy it.
             block = Block(cfg, self.dtype, i, self.past_block, self.mesh, name=f"h_{i}")
-            x, kv = block(x, new_visible, past, None if recent is None else recent.kv[i])
+            x, kv = block(x, positions, new_visible, past, None if recent is None else recent.kv[i])
             new_kv.append(kv)
         if last_only:
             last = x.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
@@ -201,9 +325,12 @@ class GPTBigCode(nn.Module):
         x = nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name="ln_f"
         )(x)
-        # The LM head is tied to the token embedding, as in every StarCoder checkpoint.
-        logits = project(x, wte.embedding).astype(jnp.float32)
-        return logits, jnp.stack(new_kv)
+        if cfg.tie_word_embeddings:  # the LM head is the token embedding
+            logits = wte.attend(x)
+        else:
+            head = Linear(cfg.vocab_size, self.dtype, False, cfg.quantized, name="lm_head")
+            logits = head(x)
+        return logits.astype(jnp.float32), jnp.stack(new_kv)
 
 
 def empty_past(config: ModelConfig, batch: int, dtype: jnp.dtype) -> PastKV:

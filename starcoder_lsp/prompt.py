@@ -33,7 +33,16 @@ if TYPE_CHECKING:
 
 FimMode = Literal["spm", "psm"]
 FIM_MODES: tuple[str, ...] = ("spm", "psm")
-# <fim_prefix>, <fim_suffix>, <fim_middle> and an optional header's <filename>: the tokens a
+# The order each model family was trained with, used unless a user picks one. StarCoder:
+# FIM on half the samples, split evenly between PSM and SPM (bigcode's Megatron-LM,
+# gpt_dataset.py `permute`), and SPM lets typing only append. StarCoder2: its paper ("StarCoder
+# 2 and The Stack v2", section 5) gives the repository-level FIM format in PSM order only;
+# SPM training is not documented there, so PSM is kept.
+TRAINED_FIM_MODE: dict[str, FimMode] = {"gpt_bigcode": "spm", "starcoder2": "psm"}
+# A PSM keystroke re-prefills the whole suffix window (it follows the prefix that typing
+# changed): this bounds it (measured with benchmarks/keystroke_replay.py).
+PSM_SUFFIX_TOKENS = 256
+# <fim_prefix>, <fim_suffix>, <fim_middle> and a header's <filename> or <file_sep>: the tokens a
 # prompt adds to its two windows (the file name's own tokens count against the prefix budget).
 RESERVED_TOKENS = 4
 # Lines longer than this (minified code) are windowed in pieces, so that one line can neither
@@ -67,7 +76,7 @@ class PromptOptions:
     prefix_tokens: int = 6093  # default_budgets(8192, 64)
     suffix_tokens: int = 2031
     mode: FimMode = "spm"
-    filename: str | None = None  # a `<filename>` header, when the tokenizer has that token
+    filename: str | None = None  # the file's name in the prompt, as file_header writes it
     window_step: float = 0.25
 
     def __post_init__(self) -> None:
@@ -92,16 +101,23 @@ class FimPrompt:
     mode: FimMode
 
 
-def default_budgets(context_len: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prefix, suffix) token budgets filling a context: 3/4 before the cursor, 1/4 after."""
+def default_budgets(
+    context_len: int, max_new_tokens: int, mode: FimMode = "spm"
+) -> tuple[int, int]:
+    """(prefix, suffix) token budgets filling a context: 3/4 before the cursor, 1/4 after.
+
+    In PSM order the suffix comes after the prefix, so every keystroke re-prefills all of it:
+    there the suffix gets at most PSM_SUFFIX_TOKENS and the prefix the rest."""
     available = context_len - max_new_tokens - RESERVED_TOKENS
     if available < 2:
         raise ValueError(
             f"a context of {context_len} tokens leaves no room for a prompt after "
             f"{max_new_tokens} new tokens and {RESERVED_TOKENS} special tokens"
         )
-    prefix = available * 3 // 4
-    return prefix, available - prefix
+    suffix = available - available * 3 // 4
+    if mode == "psm":
+        suffix = min(suffix, PSM_SUFFIX_TOKENS)
+    return available - suffix, suffix
 
 
 # --- token counting ------------------------------------------------------------------------
@@ -300,13 +316,34 @@ def _suffix_window(
 # --- prompts -------------------------------------------------------------------------------
 
 
-def filename_header(
-    tokens: SpecialTokens, options: PromptOptions, counter: TokenCounter
-) -> list[int]:
-    """`<filename>name\\n` when a file name is given and the tokenizer has `<filename>`."""
-    if options.filename is None or tokens.filename is None:
-        return []
-    return [tokens.filename, *counter.encode(options.filename + "\n")]
+@dataclass(frozen=True)
+class FileHeader:
+    """How the current file is introduced: `before` goes ahead of the FIM tokens, `lead`
+    right after `<fim_prefix>`, before the text of the prefix window."""
+
+    before: list[int]
+    lead: list[int]
+
+    def __len__(self) -> int:
+        return len(self.before) + len(self.lead)
+
+
+def file_header(tokens: SpecialTokens, options: PromptOptions, counter: TokenCounter) -> FileHeader:
+    """The file's name, in the format its model family was trained with, when one is given.
+
+    StarCoder: `<filename>name\n` ahead of the FIM tokens. StarCoder2 was trained on whole
+    repositories, each file as `<file_sep>path\ncode`, and FIM applied inside one file as
+    `<file_sep><fim_prefix>path\nprefix<fim_suffix>suffix<fim_middle>` (its paper, "StarCoder 2
+    and The Stack v2", section 5, repository-context format): the path opens the prefix.
+    """
+    if options.filename is None:
+        return FileHeader([], [])
+    name = counter.encode(options.filename + "\n")
+    if tokens.repository_level:
+        return FileHeader([tokens.file_sep], name)
+    if tokens.filename is not None:
+        return FileHeader([tokens.filename, *name], [])
+    return FileHeader([], [])
 
 
 def build_prompt(
@@ -319,15 +356,16 @@ def build_prompt(
 ) -> FimPrompt:
     """The FIM prompt for a cursor at character offset `cursor` of `text`.
 
-    PSM: `[header] <fim_prefix> prefix <fim_suffix> suffix <fim_middle>`;
-    SPM: `[header] <fim_prefix> <fim_suffix> suffix <fim_middle> prefix`. The header's name
-    counts against the prefix budget, so a prompt never exceeds `RESERVED_TOKENS` plus both
-    budgets. A constant header keeps SPM prompts growing only at their end.
+    PSM: `[header] <fim_prefix> [lead] prefix <fim_suffix> suffix <fim_middle>`;
+    SPM: `[header] <fim_prefix> <fim_suffix> suffix <fim_middle> [lead] prefix` (see
+    `file_header`). The file name counts against the prefix budget, so a prompt never
+    exceeds `RESERVED_TOKENS` plus both budgets. A constant header keeps SPM prompts growing
+    only at their end.
     """
     if not 0 <= cursor <= len(text):
         raise ValueError(f"cursor {cursor} is outside the document ({len(text)} characters)")
     counter = counter if counter is not None else counter_for(tokenizer)
-    header = filename_header(tokens, options, counter)
+    header = file_header(tokens, options, counter)
     prefix_budget = max(0, options.prefix_tokens - max(0, len(header) - 1))
     start, prefix_ids = _prefix_window(
         text, cursor, prefix_budget, _step(options, prefix_budget), counter
@@ -335,24 +373,13 @@ def build_prompt(
     end, suffix_ids = _suffix_window(
         text, cursor, options.suffix_tokens, _step(options, options.suffix_tokens), counter
     )
+    before, prefix_ids = header.before, [*header.lead, *prefix_ids]
     if options.mode == "psm":
-        ids = [
-            *header,
-            tokens.fim_prefix,
-            *prefix_ids,
-            tokens.fim_suffix,
-            *suffix_ids,
-            tokens.fim_middle,
-        ]
+        middle = [tokens.fim_prefix, *prefix_ids, tokens.fim_suffix, *suffix_ids]
+        ids = [*before, *middle, tokens.fim_middle]
     else:
-        ids = [
-            *header,
-            tokens.fim_prefix,
-            tokens.fim_suffix,
-            *suffix_ids,
-            tokens.fim_middle,
-            *prefix_ids,
-        ]
+        middle = [tokens.fim_prefix, tokens.fim_suffix, *suffix_ids, tokens.fim_middle]
+        ids = [*before, *middle, *prefix_ids]
     return FimPrompt(ids, text[start:cursor], text[cursor:end], start, end, options.mode)
 
 

@@ -13,9 +13,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import ml_dtypes
 import numpy as np
@@ -24,6 +22,7 @@ from transformers import GenerationConfig
 
 from starcoder_lsp.config import ModelConfig
 from starcoder_lsp.errors import CheckpointError
+from starcoder_lsp.layout import HFTensor, hf_tensors
 from starcoder_lsp.random_tokenizer import progress_line, train_tokenizer
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -41,62 +40,10 @@ INDEX_FILE = "model.safetensors.index.json"
 # --- weights -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WeightSpec:
-    """One tensor of a checkpoint: its transformers name, shape and how to initialise it."""
-
-    name: str
-    shape: tuple[int, ...]
-    init: Literal["normal", "ones", "bias"]
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape))
-
-
-def weight_specs(config: ModelConfig) -> list[WeightSpec]:
-    """The tensors of GPTBigCodeForCausalLM, named and ordered as transformers saves them.
-
-    The LM head is tied to `transformer.wte.weight`, so it has no tensor of its own.
-    """
-    d, inner = config.n_embd, config.inner_dim
-    qkv = d + 2 * config.kv_heads * config.head_dim
-
-    def layer_norm(prefix: str) -> list[WeightSpec]:
-        return [
-            WeightSpec(f"{prefix}.weight", (d,), "ones"),
-            WeightSpec(f"{prefix}.bias", (d,), "bias"),
-        ]
-
-    def linear(prefix: str, out_features: int, in_features: int) -> list[WeightSpec]:
-        # torch.nn.Linear layout: [out, in].
-        return [
-            WeightSpec(f"{prefix}.weight", (out_features, in_features), "normal"),
-            WeightSpec(f"{prefix}.bias", (out_features,), "bias"),
-        ]
-
-    specs = [
-        WeightSpec("transformer.wte.weight", (config.vocab_size, d), "normal"),
-        WeightSpec("transformer.wpe.weight", (config.n_positions, d), "normal"),
-    ]
-    for i in range(config.n_layer):
-        block = f"transformer.h.{i}"
-        specs += layer_norm(f"{block}.ln_1")
-        specs += linear(f"{block}.attn.c_attn", qkv, d)
-        specs += linear(f"{block}.attn.c_proj", d, d)
-        specs += layer_norm(f"{block}.ln_2")
-        specs += linear(f"{block}.mlp.c_fc", inner, d)
-        specs += linear(f"{block}.mlp.c_proj", d, inner)
-    specs += layer_norm("transformer.ln_f")
-    return specs
-
-
-def plan_shards(
-    specs: list[WeightSpec], itemsize: int, max_shard_bytes: int
-) -> list[list[WeightSpec]]:
+def plan_shards(specs: list[HFTensor], itemsize: int, max_shard_bytes: int) -> list[list[HFTensor]]:
     """Fill shards greedily in order, as transformers does; a tensor larger than the limit
     gets a shard of its own."""
-    shards: list[list[WeightSpec]] = [[]]
+    shards: list[list[HFTensor]] = [[]]
     used = 0
     for spec in specs:
         size = spec.numel * itemsize
@@ -109,7 +56,7 @@ def plan_shards(
 
 
 def _random_tensor(
-    spec: WeightSpec, rng: np.random.Generator, init_std: float, dtype: np.dtype
+    spec: HFTensor, rng: np.random.Generator, init_std: float, dtype: np.dtype
 ) -> np.ndarray:
     values = rng.standard_normal(spec.shape, dtype=np.float32)
     values *= np.float32(init_std)
@@ -155,7 +102,7 @@ def _write_config(directory: Path, config: ModelConfig, dtype: str) -> None:
 
 def _write_weights(
     directory: Path,
-    specs: list[WeightSpec],
+    specs: list[HFTensor],
     *,
     seed: int,
     dtype: np.dtype,
@@ -218,9 +165,9 @@ def write_random_model(
     directory = Path(directory)
     _check_directory(directory)
     np_dtype = NUMPY_DTYPES[dtype]
-    specs = weight_specs(config)
+    specs = hf_tensors(config)
     # The tokenizer first: if its training fails, the directory is left untouched.
-    tokenizer = train_tokenizer(config.vocab_size)
+    tokenizer = train_tokenizer(config.vocab_size, family=config.model_type)
     _prepare_directory(directory, sum(s.numel for s in specs) * np_dtype.itemsize)
     tokenizer.save_pretrained(directory)
     _write_config(directory, config, dtype)

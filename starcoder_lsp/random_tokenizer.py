@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from starcoder_lsp.config import GPT_BIGCODE, STARCODER2
 from starcoder_lsp.errors import TokenizerError
 
 # StarCoder's special tokens, in the order that gives them ids 0..18 (shared/STARCODER.md).
@@ -45,6 +46,51 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 ENDOFTEXT = SPECIAL_TOKENS[0]
 
+# StarCoder2's, in the order of bigcode/starcoder2-*'s tokenizer (ids 0..37). The names are
+# those bigcode's training code defines (its Megatron-LM tokenizer, read here through the
+# search tool); their order in the published tokenizer.json is recalled, not checked.
+STARCODER2_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<fim_prefix>",
+    "<fim_middle>",
+    "<fim_suffix>",
+    "<fim_pad>",
+    "<repo_name>",
+    "<file_sep>",
+    "<issue_start>",
+    "<issue_comment>",
+    "<issue_closed>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<jupyter_script>",
+    "<empty_output>",
+    "<code_to_intermediate>",
+    "<intermediate_to_code>",
+    "<pr>",
+    "<pr_status>",
+    "<pr_is_merged>",
+    "<pr_base>",
+    "<pr_file>",
+    "<pr_base_code>",
+    "<pr_diff>",
+    "<pr_diff_hunk>",
+    "<pr_comment>",
+    "<pr_event_id>",
+    "<pr_review>",
+    "<pr_review_state>",
+    "<pr_review_comment>",
+    "<pr_in_reply_to_review_id>",
+    "<pr_in_reply_to_comment_id>",
+    "<pr_diff_hunk_comment_line>",
+    "<NAME>",
+    "<EMAIL>",
+    "<KEY>",
+    "<PASSWORD>",
+)
+FAMILY_SPECIAL_TOKENS = {GPT_BIGCODE: SPECIAL_TOKENS, STARCODER2: STARCODER2_SPECIAL_TOKENS}
+
 # Bump when the training recipe changes so that stale cached tokenizers are not reused.
 TOKENIZER_RECIPE_VERSION = 2
 # Enough text for the merges of a vocabulary this size: a 1024-token vocabulary trains on
@@ -52,7 +98,7 @@ TOKENIZER_RECIPE_VERSION = 2
 TRAINING_BYTES_PER_TOKEN = 1000
 MIN_TRAINING_BYTES = 250_000
 # Every byte must be a token, or byte-level BPE cannot encode arbitrary text.
-MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+BYTES = 256
 
 
 def progress_line(message: str) -> None:
@@ -107,12 +153,12 @@ def _new_bpe() -> Tokenizer:
     return tokenizer
 
 
-def _train_bpe(vocab_size: int, paths: list[Path]) -> Tokenizer:
+def _train_bpe(vocab_size: int, paths: list[Path], specials: tuple[str, ...]) -> Tokenizer:
     tokenizer = _new_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        # Listed first, so they get ids 0..18 in this order.
-        special_tokens=list(SPECIAL_TOKENS),
+        # Listed first, so they get ids 0, 1, ... in this order.
+        special_tokens=list(specials),
         # All 256 bytes, so that any text (emoji, accents) encodes without an unknown token.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -121,19 +167,19 @@ def _train_bpe(vocab_size: int, paths: list[Path]) -> Tokenizer:
     return tokenizer
 
 
-def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+def _wrap(tokenizer: Tokenizer, specials: tuple[str, ...]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=ENDOFTEXT,
         eos_token=ENDOFTEXT,
         unk_token=ENDOFTEXT,
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        additional_special_tokens=list(specials[1:]),
         # transformers' default clean-up rewrites " ." as "." on decode, which breaks code.
         clean_up_tokenization_spaces=False,
     )
 
 
-def _train(vocab_size: int) -> PreTrainedTokenizerFast:
+def _train(vocab_size: int, specials: tuple[str, ...]) -> PreTrainedTokenizerFast:
     """Train on a prefix of the sorted stdlib, widening to all of it if merges run out."""
     sources = stdlib_sources()
     subset = _take_bytes(sources, max(MIN_TRAINING_BYTES, vocab_size * TRAINING_BYTES_PER_TOKEN))
@@ -145,20 +191,21 @@ def _train(vocab_size: int) -> PreTrainedTokenizerFast:
             f"standard-library files ({megabytes:.1f} MB)..."
         )
         start = time.perf_counter()
-        tokenizer = _train_bpe(vocab_size, paths)
+        tokenizer = _train_bpe(vocab_size, paths, specials)
         progress_line(f"trained the tokenizer in {time.perf_counter() - start:.1f} s")
         if tokenizer.get_vocab_size() == vocab_size:
-            return _wrap(tokenizer)
+            return _wrap(tokenizer, specials)
     raise TokenizerError(
         f"the standard library at {sysconfig.get_paths()['stdlib']} has too little text for "
         f"a {vocab_size}-token vocabulary (training made {tokenizer.get_vocab_size()} tokens)"
     )
 
 
-def _cache_entry(cache_dir: Path, vocab_size: int) -> Path:
+def _cache_entry(cache_dir: Path, vocab_size: int, family: str) -> Path:
     # The stdlib, hence the merges, differ between Python versions.
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_dir / f"tokenizer-v{TOKENIZER_RECIPE_VERSION}-{python}-{vocab_size}"
+    kind = "" if family == GPT_BIGCODE else f"-{family}"
+    return cache_dir / f"tokenizer-v{TOKENIZER_RECIPE_VERSION}{kind}-{python}-{vocab_size}"
 
 
 def _load_cached(entry: Path, vocab_size: int) -> PreTrainedTokenizerFast | None:
@@ -194,22 +241,26 @@ def _store(tokenizer: PreTrainedTokenizerFast, entry: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def train_tokenizer(vocab_size: int, cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    vocab_size: int, cache_dir: Path | None = None, family: str = GPT_BIGCODE
+) -> PreTrainedTokenizerFast:
     """A StarCoder-style byte-level BPE tokenizer of exactly `vocab_size` tokens.
 
-    Ids 0..18 are StarCoder's special tokens in StarCoder's order; bos = eos = unk =
-    `<|endoftext|>`; no pad token. Trained on the standard library's sources and cached under
-    `cache_dir` (default: `default_cache_dir()`), so each size is trained once per machine.
+    The first ids are the family's special tokens in the family's order (StarCoder's 19,
+    StarCoder2's 38); bos = eos = unk = `<|endoftext|>`; no pad token. Trained on the
+    standard library's sources and cached under `cache_dir` (default: `default_cache_dir()`),
+    so each size is trained once per machine.
     """
-    if vocab_size < MIN_VOCAB_SIZE:
+    specials = FAMILY_SPECIAL_TOKENS[family]
+    if vocab_size < len(specials) + BYTES:
         raise TokenizerError(
             f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
-            f"{MIN_VOCAB_SIZE} tokens ({len(SPECIAL_TOKENS)} special tokens and 256 bytes)"
+            f"{len(specials) + BYTES} tokens ({len(specials)} special tokens and {BYTES} bytes)"
         )
-    entry = _cache_entry(Path(cache_dir) if cache_dir else default_cache_dir(), vocab_size)
+    entry = _cache_entry(Path(cache_dir) if cache_dir else default_cache_dir(), vocab_size, family)
     cached = _load_cached(entry, vocab_size)
     if cached is not None:
         return cached
-    tokenizer = _train(vocab_size)
+    tokenizer = _train(vocab_size, specials)
     _store(tokenizer, entry)
     return tokenizer

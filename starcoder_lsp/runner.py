@@ -25,137 +25,31 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from starcoder_lsp import sharding
-from starcoder_lsp.attention import PastKV, RecentKV
+from starcoder_lsp import sharding, steps
 from starcoder_lsp.config import ModelConfig
 from starcoder_lsp.model import GPTBigCode
 from starcoder_lsp.progress import Progress
-from starcoder_lsp.sampling import Sampling, sample, split_key
+from starcoder_lsp.sampling import Sampling, split_key
+from starcoder_lsp.steps import StepRows, one_token_each
 
 if TYPE_CHECKING:
     from starcoder_lsp.checkpoint import Checkpoint
 
 # Prefill chunk sizes. Above a few tokens a chunk's cost grows with its length (compute-bound),
 # so a prompt is cut greedily into the largest chunks that fit and only the last chunk is
-# padded, by less than the smallest size; bigger chunks would only add compiled shapes.
-DEFAULT_CHUNKS = (16, 64, 256)
+# padded, by less than the smallest size; bigger chunks would only add compiled shapes. A
+# keystroke adds one to three tokens to an SPM prompt: a chunk of 4 costs about a decode step
+# (reading the weights once), where padding them to 16 cost about three.
+DEFAULT_CHUNKS = (4, 16, 64, 256)
 DEFAULT_BATCHES = (1, 2, 4, 8)
-PREFILL, DECODE, MULTI_STEP = "prefill", "decode", "multi-step decode"
-
-
-class StepRows(NamedTuple):
-    """What each batch row of one compiled step works on.
-
-    tokens, positions, valid: int32, int32, bool, [b, s] for a step over s new tokens per row
-    ([b] for `decode_steps`, one token per row); valid is False for padding, which is neither
-    attended to nor written. slots: int32 [b], the cache row each batch row reads and writes.
-    order: None where rows pick their cache rows by `slots`; otherwise batch row i is cache
-    row i for every slot of the cache, which is then read in place, and the results come back
-    in this order (int32 [b]).
-    """
-
-    tokens: np.ndarray
-    positions: np.ndarray
-    valid: np.ndarray
-    slots: np.ndarray
-    order: np.ndarray | None = None
-
-
-def _one_token_each(rows: StepRows) -> StepRows:
-    """Rows of one token each ([b]) as a step over new tokens takes them ([b, 1])."""
-    column = lambda a: a[:, None]
-    return rows._replace(
-        tokens=column(rows.tokens), positions=column(rows.positions), valid=column(rows.valid)
-    )
-
-
-def _past(cache: jax.Array, rows: StepRows, length: jax.Array) -> PastKV:
-    return PastKV(cache, length, rows.slots if rows.order is None else None)
-
-
-def _in_order(out: jax.Array, rows: StepRows) -> jax.Array:
-    return out if rows.order is None else out[rows.order]
-
-
-@partial(jax.jit, static_argnames=("model",))
-def _forward(
-    model: GPTBigCode, params: dict, cache: jax.Array, rows: StepRows
-) -> tuple[jax.Array, jax.Array]:
-    """Run the rows' tokens against their cached keys and values (row b has positions[b, 0]
-    tokens cached). Returns the logits of each row's last valid token, [b, vocab], and the
-    new keys and values [layers, 2, b, s, kv_heads, hd], which `_write` stores."""
-    past = _past(cache, rows, rows.positions[:, 0])
-    logits, new_kv = model.apply(
-        {"params": params}, rows.tokens, rows.positions, rows.valid, past, last_only=True
-    )
-    return _in_order(logits, rows), new_kv
-
-
-@partial(jax.jit, static_argnames=("model", "steps"))
-def _decode_steps(
-    model: GPTBigCode,
-    params: dict,
-    cache: jax.Array,
-    rows: StepRows,
-    sampling: Sampling,
-    key: jax.Array,
-    steps: int,
-) -> tuple[jax.Array, jax.Array]:
-    """`steps` decode steps in one program, each sampling every row's next token on the device.
-
-    Returns the sampled tokens [b, steps] and the new keys and values [layers, 2, b, steps,
-    kv_heads, hd], which `_write` stores. The cache is only read: the keys of the tokens
-    decoded in this call stay in a small buffer that attention reads besides it.
-    """
-    c = model.config
-    past = _past(cache, rows, rows.positions)
-
-    def step(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        token, recent, out = carry
-        # Past the position table the tokens are never kept (the caller stops rows before).
-        at = jnp.minimum(rows.positions + i, c.n_positions - 1)[:, None]
-        logits, new_kv = model.apply(
-            {"params": params},
-            token[:, None],
-            at,
-            rows.valid[:, None],
-            past,
-            last_only=True,
-            recent=RecentKV(recent, i),
-        )
-        recent = jax.lax.dynamic_update_slice_in_dim(recent, new_kv, i, axis=3)
-        token = sample(logits, jax.random.fold_in(key, i), sampling)
-        return token, recent, out.at[:, i].set(token)
-
-    b = rows.tokens.shape[0]
-    recent = jnp.zeros((c.n_layer, 2, b, steps, c.kv_heads, c.head_dim), cache.dtype)
-    out = jnp.zeros((b, steps), jnp.int32)
-    _, recent, out = jax.lax.fori_loop(0, steps, step, (rows.tokens, recent, out))
-    return _in_order(out, rows), recent
-
-
-# Writing is a program of its own: when the step that reads the cache also updates it, XLA
-# copies the whole cache (twice) instead of updating it in place, which made a decode step
-# ten times slower with 8 slots of 8192 positions.
-@partial(jax.jit, donate_argnames=("cache",))
-def _write(
-    cache: jax.Array, new_kv: jax.Array, positions: jax.Array, valid: jax.Array, slots: jax.Array
-) -> jax.Array:
-    # Padding writes nowhere: an index past the end is dropped.
-    write_at = jnp.where(valid, positions, cache.shape[3])
-    return cache.at[:, :, slots[:, None], write_at].set(new_kv.astype(cache.dtype), mode="drop")
-
-
-# Sampling is compiled apart from the model: it depends on the batch size only, not on the
-# chunk or span, so its sort over the vocabulary is compiled a handful of times, not per shape.
-_sample = jax.jit(sample)
+PREFILL, DECODE, MULTI_STEP, VERIFY = "prefill", "decode", "multi-step decode", "verify"
 
 
 def _bucket(sizes: Sequence[int], n: int) -> int:
@@ -178,6 +72,13 @@ class Runner:
     five runs: 1.13-1.26× the bandwidth floor at batch 1 with 8 steps, against 1.20-1.37× one
     step at a time). A row that stops midway wastes the rest of the call, and a new request
     waits for the call to end, so the server decodes one step at a time.
+
+    draft_tokens = k > 0 also compiles `verify`, which runs each row's last token and up to k
+    draft tokens in one step and keeps the drafts the model agrees with (assisted
+    generation, see speculate.py); draft_distributions: the drafts come with the
+    distributions they were drawn from (a draft model), not as certainties (prompt lookup).
+    steps_with_probs: `propose` (decode_steps) also returns those distributions, as a draft
+    model's runner must.
     """
 
     def __init__(
@@ -191,10 +92,18 @@ class Runner:
         chunks: Sequence[int] = DEFAULT_CHUNKS,
         batches: Sequence[int] = DEFAULT_BATCHES,
         steps_per_call: int = 1,
+        draft_tokens: int = 0,
+        draft_distributions: bool = False,
+        steps_with_probs: bool = False,
     ) -> None:
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call must be at least 1, not {steps_per_call}")
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens must not be negative, not {draft_tokens}")
         self.steps_per_call = steps_per_call
+        self.draft_tokens = draft_tokens
+        self.draft_distributions = draft_distributions
+        self.steps_with_probs = steps_with_probs
         self.config, self.params, self.mesh, self.dtype = config, params, mesh, jnp.dtype(dtype)
         self.model = GPTBigCode(config, self.dtype, mesh=mesh)
         self.max_len = min(max_len or config.n_positions, config.n_positions)
@@ -203,7 +112,7 @@ class Runner:
         self.batches = tuple(sorted(b for b in batches if b < self.slots)) + (self.slots,)
         c = config
         self._cache_shape = (c.n_layer, 2, self.slots, self.max_len, c.kv_heads, c.head_dim)
-        self._cache_sharding = sharding.cache_sharding(mesh, self.slots)
+        self._cache_sharding = sharding.cache_sharding(mesh, self.slots, config)
         self._zeros = jax.jit(
             partial(jnp.zeros, self._cache_shape, self.dtype), out_shardings=self._cache_sharding
         )
@@ -271,7 +180,7 @@ class Runner:
         """One step for each row: `tokens[i]` sits at `positions[i]` of `slots[i]`.
         Returns logits [batch bucket, vocab] (rows past len(slots) are padding) and the cache."""
         _, rows = self._decode_rows(slots, tokens, positions)
-        return self._step(cache, _one_token_each(rows))
+        return self._step(cache, one_token_each(rows))
 
     def decode_steps(
         self,
@@ -287,13 +196,69 @@ class Runner:
         which holds the keys and values of `tokens` and of all but the last new token. A row
         that stops early (a stop token, a stop string) just ignores the rest; steps that would
         run past the cache write nothing."""
+        out, _, cache = self.propose(cache, slots, tokens, positions, sampling, key)
+        return out, cache
+
+    def propose(
+        self,
+        cache: jax.Array,
+        slots: Sequence[int],
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        sampling: Sampling,
+        key: jax.Array,
+    ) -> tuple[np.ndarray, np.ndarray | None, jax.Array]:
+        """`decode_steps`, also returning, with steps_with_probs, the distribution each token
+        was drawn from [len(slots), steps, vocab]: what a draft model proposes."""
         source, rows = self._decode_rows(slots, tokens, positions)
-        out, cache = self._steps(cache, rows, sampling.select(source), key)
-        return out[: len(slots)], cache
+        out, probs, cache = self._steps(cache, rows, sampling.select(source), key)
+        n = len(slots)
+        return out[:n], None if probs is None else probs[:n], cache
+
+    def verify(
+        self,
+        cache: jax.Array,
+        slots: Sequence[int],
+        tokens: Sequence[int],
+        drafts: Sequence[Sequence[int]],
+        positions: Sequence[int],
+        sampling: Sampling,
+        key: jax.Array,
+        draft_probs: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+        """One step for each row over its last token `tokens[i]` (at `positions[i]` of
+        `slots[i]`, as `decode` takes it) and its drafts `drafts[i]` (at most draft_tokens;
+        draft_probs [rows, draft_tokens, vocab] with the runner's draft_distributions).
+        Returns how many drafts each row keeps, the model's own next token after them, and the
+        cache, which then holds the keys and values of the token and of every kept draft. What
+        it holds beyond them is junk that nothing reads: a row's length is what was kept."""
+        k = self.draft_tokens
+        if k == 0:
+            raise ValueError("this runner was made without draft_tokens: it cannot verify")
+        if (draft_probs is not None) != self.draft_distributions:
+            raise ValueError("draft_probs must be given exactly when draft_distributions is set")
+        n = len(slots)
+        counts = np.array([len(d) for d in drafts], np.int32)
+        if counts.max(initial=0) > k:
+            raise ValueError(f"at most {k} drafts per row, not {counts.max()}")
+        padded = np.zeros((n, k), np.int32)
+        for row, row_drafts in enumerate(drafts):
+            padded[row, : len(row_drafts)] = row_drafts
+        source, rows = self._decode_rows(slots, tokens, positions)
+        counts = np.where(rows.valid, counts[source], 0)
+        at = rows.positions[:, None] + np.arange(k + 1, dtype=np.int32)
+        valid = rows.valid[:, None] & (np.arange(k + 1) <= counts[:, None]) & (at < self.max_len)
+        row_tokens = np.concatenate([rows.tokens[:, None], padded[source]], axis=1)
+        step = StepRows(row_tokens, np.minimum(at, self.max_len - 1), valid, rows.slots, rows.order)
+        probs = None if draft_probs is None else np.asarray(draft_probs, np.float32)[source]
+        accepted, following, cache = self._verify(
+            cache, step, counts, probs, sampling.select(source), key
+        )
+        return accepted[:n], following[:n], cache
 
     def sample(self, logits: jax.Array, sampling: Sampling, key: jax.Array) -> np.ndarray:
         """The next token of each row of `logits`, on the host."""
-        return np.asarray(_sample(logits, key, sampling))
+        return np.asarray(steps.sample_tokens(logits, key, sampling))
 
     def pad_sampling(self, sampling: Sampling, n: int) -> Sampling:
         """Per-row settings padded to the decode batch bucket that n rows use."""
@@ -304,17 +269,34 @@ class Runner:
         # The small host arrays go to the programs as they are: jit places them itself for
         # about 10 µs each, where jax.device_put took 100-180 µs each from Python (4% of a
         # batch-1 decode step for the five of them).
-        logits, new_kv = _forward(self.model, self.params, cache, rows)
-        return logits, _write(cache, new_kv, rows.positions, rows.valid, rows.slots)
+        logits, new_kv = steps.forward(self.model, self.params, cache, rows)
+        return logits, steps.write(cache, new_kv, rows.positions, rows.valid, rows.slots)
+
+    def _verify(
+        self,
+        cache: jax.Array,
+        rows: StepRows,
+        counts: np.ndarray,
+        draft_probs: np.ndarray | None,
+        sampling: Sampling,
+        key: jax.Array,
+    ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+        accepted, following, new_kv = steps.verify(
+            self.model, self.params, cache, rows, counts, draft_probs, sampling, key
+        )
+        cache = steps.write(cache, new_kv, rows.positions, rows.valid, rows.slots)
+        return np.asarray(accepted), np.asarray(following), cache
 
     def _steps(
         self, cache: jax.Array, rows: StepRows, sampling: Sampling, key: jax.Array
-    ) -> tuple[np.ndarray, jax.Array]:
-        steps = self.steps_per_call
-        out, recent = _decode_steps(self.model, self.params, cache, rows, sampling, key, steps)
-        at = rows.positions[:, None] + np.arange(steps, dtype=np.int32)
+    ) -> tuple[np.ndarray, np.ndarray | None, jax.Array]:
+        count, with_probs = self.steps_per_call, self.steps_with_probs
+        args = (cache, rows, sampling, key, count, with_probs)
+        out, recent, probs = steps.decode_steps(self.model, self.params, *args)
+        at = rows.positions[:, None] + np.arange(count, dtype=np.int32)
         valid = rows.valid[:, None] & (at < self.max_len)
-        return np.asarray(out), _write(cache, recent, at, valid, rows.slots)
+        probs = None if probs is None else np.asarray(probs)
+        return np.asarray(out), probs, steps.write(cache, recent, at, valid, rows.slots)
 
     def _decode_rows(
         self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
@@ -353,6 +335,8 @@ class Runner:
         shapes = [(PREFILL, c) for c in self.chunks] + [(DECODE, b) for b in self.batches]
         if self.steps_per_call > 1:
             shapes += [(MULTI_STEP, b) for b in self.batches]
+        if self.draft_tokens:
+            shapes += [(VERIFY, b) for b in self.batches]
         return shapes
 
     def warmup(self, progress: Progress | None = None) -> jax.Array:
@@ -366,7 +350,11 @@ class Runner:
             rows = self._idle_rows(kind, size)
             sampling = Sampling.rows(1.0, 0.9, 5, batch=1 if kind == PREFILL else size)
             if kind == MULTI_STEP:
-                _, cache = self._steps(cache, rows, sampling, key)
+                _, _, cache = self._steps(cache, rows, sampling, key)
+                continue
+            if kind == VERIFY:
+                counts, probs = np.zeros(size, np.int32), self._idle_draft_probs(size)
+                _, _, cache = self._verify(cache, rows, counts, probs, sampling, key)
                 continue
             logits, cache = self._step(cache, rows)
             if kind == DECODE or size == self.chunks[0]:
@@ -380,12 +368,20 @@ class Runner:
         collectives in `.compile().as_text()`)."""
         cache = jax.ShapeDtypeStruct(self._cache_shape, self.dtype, sharding=self._cache_sharding)
         rows = self._idle_rows(kind, size)
+        sampling, key = Sampling.rows(1.0, 0.9, 5, batch=size), jax.random.PRNGKey(0)
         if kind == MULTI_STEP:
-            sampling = Sampling.rows(1.0, 0.9, 5, batch=size)
-            key = jax.random.PRNGKey(0)
-            steps = self.steps_per_call
-            return _decode_steps.lower(self.model, self.params, cache, rows, sampling, key, steps)
-        return _forward.lower(self.model, self.params, cache, rows)
+            args = (cache, rows, sampling, key, self.steps_per_call, self.steps_with_probs)
+            return steps.decode_steps.lower(self.model, self.params, *args)
+        if kind == VERIFY:
+            counts, probs = np.zeros(size, np.int32), self._idle_draft_probs(size)
+            args = (cache, rows, counts, probs, sampling, key)
+            return steps.verify.lower(self.model, self.params, *args)
+        return steps.forward.lower(self.model, self.params, cache, rows)
+
+    def _idle_draft_probs(self, size: int) -> np.ndarray | None:
+        if not self.draft_distributions:
+            return None
+        return np.zeros((size, self.draft_tokens, self.config.vocab_size), np.float32)
 
     def _idle_rows(self, kind: str, size: int) -> StepRows:
         """Rows of one shape, none of them valid: running them writes nothing."""
@@ -396,4 +392,10 @@ class Runner:
         zeros = np.zeros(size, np.int32)
         _, rows = self._decode_rows(range(size), zeros, zeros)
         rows = rows._replace(valid=np.zeros(size, bool))
-        return rows if kind == MULTI_STEP else _one_token_each(rows)
+        if kind == VERIFY:
+            width = (size, self.draft_tokens + 1)
+            wide = lambda a: np.broadcast_to(a[:, None], width).copy()
+            return rows._replace(
+                tokens=wide(rows.tokens), positions=wide(rows.positions), valid=wide(rows.valid)
+            )
+        return rows if kind == MULTI_STEP else one_token_each(rows)

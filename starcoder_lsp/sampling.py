@@ -39,26 +39,84 @@ class Sampling(NamedTuple):
         return Sampling(*(np.asarray(v)[rows] for v in self))
 
 
+def _filtered(logits: jax.Array, s: Sampling) -> jax.Array:
+    """logits [b, vocab] divided by each row's temperature, -inf outside its top-k and top-p:
+    the distribution a sampled row draws from, as logits."""
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    ranked = -jnp.sort(-scaled, axis=-1)
+    vocab = logits.shape[-1]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # Keep the smallest prefix of the ranking whose mass reaches top_p (always the first).
+    kept = jnp.sum((jnp.cumsum(probs, axis=-1) - probs) < s.top_p[:, None], axis=-1)
+    pth = jnp.take_along_axis(ranked, jnp.maximum(kept - 1, 0)[:, None], axis=-1)
+    return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     """Next token per row: greedy where temperature is 0, else top-k/top-p sampling."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled() -> jax.Array:
-        scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
-        ranked = -jnp.sort(-scaled, axis=-1)
-        vocab = logits.shape[-1]
-        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
-        kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        # Keep the smallest prefix of the ranking whose mass reaches top_p (always the first).
-        kept = jnp.sum((jnp.cumsum(probs, axis=-1) - probs) < s.top_p[:, None], axis=-1)
-        pth = jnp.take_along_axis(ranked, jnp.maximum(kept - 1, 0)[:, None], axis=-1)
-        masked = jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
-        return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, _filtered(logits, s), axis=-1).astype(jnp.int32)
 
     # The sort over the vocabulary is skipped when every row is greedy.
     chosen = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: greedy)
     return jnp.where(s.temperature > 0, chosen, greedy)
+
+
+def distribution(logits: jax.Array, s: Sampling) -> jax.Array:
+    """float32 [b, t, vocab]: the probabilities `sample` draws each row's tokens from, for
+    logits [b, t, vocab] (one-hot at the argmax for a greedy row)."""
+    b, t, vocab = logits.shape
+    flat = logits.reshape(b * t, vocab).astype(jnp.float32)
+    rows = Sampling(*(jnp.repeat(jnp.asarray(v), t) for v in s))
+    greedy = jax.nn.one_hot(jnp.argmax(flat, axis=-1), vocab, dtype=jnp.float32)
+    sampled = jax.nn.softmax(_filtered(flat, rows), axis=-1)
+    probs = jnp.where((rows.temperature > 0)[:, None], sampled, greedy)
+    return probs.reshape(b, t, vocab)
+
+
+def accept_drafts(
+    logits: jax.Array,
+    drafts: jax.Array,
+    counts: jax.Array,
+    draft_probs: jax.Array | None,
+    s: Sampling,
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling: how many of each row's drafts the model keeps, and its next token.
+
+    logits: [b, k + 1, vocab], the model's at the position before each draft and after the
+    last; drafts: int32 [b, k], of which the first counts[b] are real; draft_probs: [b, k,
+    vocab], the distributions the drafts were drawn from (None: each draft was certain, as a
+    prompt lookup's is). Draft i is kept with probability min(1, p(d_i) / q(d_i)) while all
+    before it were; at the first rejection the next token is drawn from the normalised
+    max(0, p − q), and after k kept drafts from p itself. The tokens that come out are
+    distributed exactly as sampling from the model alone would give (Leviathan et al., 2023;
+    Chen et al., 2023). A greedy row keeps drafts while they equal the argmax, then takes it.
+    Returns (accepted int32 [b], next token int32 [b]).
+    """
+    b, k = drafts.shape
+    vocab = logits.shape[-1]
+    p = distribution(logits, s)  # [b, k + 1, vocab]
+    q = jax.nn.one_hot(drafts, vocab, dtype=jnp.float32) if draft_probs is None else draft_probs
+    p_draft = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
+    q_draft = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    key_accept, key_next = jax.random.split(key)
+    uniform = jax.random.uniform(key_accept, (b, k))
+    kept = (uniform * q_draft < p_draft) & (jnp.arange(k)[None] < counts[:, None])
+    accepted = jnp.sum(jnp.cumprod(kept, axis=1), axis=1).astype(jnp.int32)
+    rows = jnp.arange(b)
+    p_next = p[rows, accepted]
+    q_next = jnp.where((accepted < counts)[:, None], q[rows, jnp.minimum(accepted, k - 1)], 0.0)
+    residual = jnp.maximum(p_next - q_next, 0.0)
+    total = jnp.sum(residual, axis=-1, keepdims=True)
+    residual = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), p_next)
+    drawn = jax.random.categorical(key_next, jnp.log(residual), axis=-1).astype(jnp.int32)
+    greedy = jnp.argmax(logits[rows, accepted], axis=-1).astype(jnp.int32)
+    return accepted, jnp.where(s.temperature > 0, drawn, greedy)
 
 
 def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -55,10 +55,12 @@ class Settings:
     top_p: float = setting(
         1.0, float, "Nucleus sampling threshold.", exclusive_minimum=0, maximum=1
     )
-    fim_mode: str = setting(
-        "spm",
+    fim_mode: str | None = setting(
+        None,
         str,
-        "Fill-in-the-middle order. SPM lets typing reuse the key/value cache.",
+        "Fill-in-the-middle order. Empty: the order the model was trained with (SPM for "
+        "StarCoder, which lets typing reuse the key/value cache; PSM for StarCoder2).",
+        nullable=True,
         choices=FIM_MODES,
     )
     prefix_tokens: int | None = setting(
@@ -139,7 +141,7 @@ def json_schema() -> dict[str, dict[str, Any]]:
         kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[r.kind]
         entry: dict[str, Any] = {"type": [kind, "null"] if r.nullable else kind}
         if r.choices:
-            entry["enum"] = list(r.choices)
+            entry["enum"] = [*r.choices, None] if r.nullable else list(r.choices)
         entry["default"] = f.default if f.default is not MISSING else None
         for key, bound in (
             ("minimum", r.minimum),

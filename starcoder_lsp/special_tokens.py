@@ -21,13 +21,24 @@ class SpecialTokens:
     fim_pad: int | None
     filename: int | None
     file_sep: int | None
+    repo_name: int | None = None
+    # Every other special token of the tokenizer (<gh_stars>, <jupyter_code>, <pr_diff>, ...):
+    # text never contains one, so a completion that reaches one has ended.
+    others: tuple[int, ...] = ()
+
+    @property
+    def repository_level(self) -> bool:
+        """StarCoder2's tokenizer: files are written `<file_sep>path\ncode`, not under a
+        `<filename>` header."""
+        return self.file_sep is not None
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Tokens that end a completion: end of text and any FIM marker or file separator."""
+        """Tokens that end a completion: end of text, any FIM marker or file separator, and
+        every other special token."""
         ids = (self.eos, self.fim_prefix, self.fim_middle, self.fim_suffix)
-        optional = (self.fim_pad, self.filename, self.file_sep)
-        return tuple(sorted({*ids, *(i for i in optional if i is not None)}))
+        optional = (self.fim_pad, self.filename, self.file_sep, self.repo_name)
+        return tuple(sorted({*ids, *(i for i in optional if i is not None), *self.others}))
 
 
 # StarCoder spells them with underscores, SantaCoder with hyphens.
@@ -39,6 +50,7 @@ _SPELLINGS = {
     "fim_pad": ("<fim_pad>", "<fim-pad>"),
     "filename": ("<filename>",),
     "file_sep": ("<file_sep>",),
+    "repo_name": ("<repo_name>", "<reponame>"),
 }
 _REQUIRED = ("eos", "fim_prefix", "fim_middle", "fim_suffix")
 
@@ -58,4 +70,6 @@ def special_tokens(tokenizer: object) -> SpecialTokens:
             f"the tokenizer lacks {', '.join(missing)}: fill-in-the-middle needs a StarCoder-"
             "family tokenizer with <fim_prefix>, <fim_suffix>, <fim_middle> and <|endoftext|>"
         )
-    return SpecialTokens(**found)
+    named = {i for i in found.values() if i is not None}
+    others = sorted(set(getattr(tokenizer, "all_special_ids", ())) - named)
+    return SpecialTokens(**found, others=tuple(others))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from starcoder_lsp import bench
+from starcoder_lsp.factory import ModelOptions
 from starcoder_lsp.generate import GENERATOR_STEPS_PER_CALL
 
 
@@ -22,6 +23,7 @@ def test_bench_measures_every_row_on_both_sides(tiny_mqa_dir):
     expected = [
         "load",
         "compile all shapes (warm-up)",
+        "weights on the devices",
         "prefill 16 tokens",
         "prefill 100 tokens",
         "read bandwidth",
@@ -42,3 +44,22 @@ def test_bench_measures_every_row_on_both_sides(tiny_mqa_dir):
     steps = f"{GENERATOR_STEPS_PER_CALL} steps per call"
     assert steps in rows["decode batch 2, per step"].note
     assert "× batch 1" in rows["decode batch 2, one step per call"].note
+
+
+def test_bench_measures_int8_beside_float32(tiny_mqa_dir):
+    options = ModelOptions(tiny_mqa_dir, quantize="int8")
+    report = bench.run(
+        options, prefill_lengths=(16,), batches=(1,), repeats=1, compare=False, log=lambda m: None
+    )
+    rows = {row.name: row for row in report.rows}
+    for name in (
+        "weights on the devices, int8",
+        "decode floor: param bytes ÷ bandwidth, int8",
+        "decode batch 1, int8, per step",
+        "decode batch 1, int8, one step per call",
+    ):
+        assert rows[name].ours is not None and rows[name].ours > 0, name
+    # The int8 weights take well under half the float32 bytes, and so does the floor.
+    assert rows["weights on the devices, int8"].ours < 0.4 * rows["weights on the devices"].ours
+    floor = rows["decode floor: param bytes ÷ bandwidth"].ours
+    assert rows["decode floor: param bytes ÷ bandwidth, int8"].ours < 0.4 * floor

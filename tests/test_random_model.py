@@ -19,7 +19,8 @@ from starcoder_lsp import random_tokenizer
 from starcoder_lsp.cli import main
 from starcoder_lsp.config import PRESETS, ModelConfig
 from starcoder_lsp.errors import CheckpointError, TokenizerError
-from starcoder_lsp.random_model import weight_specs, write_random_model
+from starcoder_lsp.layout import hf_tensors
+from starcoder_lsp.random_model import write_random_model
 from starcoder_lsp.random_tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 TINY = PRESETS["test-tiny"]
@@ -146,10 +147,11 @@ def test_names_and_shapes_are_those_of_transformers(multi_query):
     config = TINY.replace(multi_query=multi_query)
     reference = GPTBigCodeForCausalLM(GPTBigCodeConfig(**config.to_hf_dict())).state_dict()
     expected = [(k, tuple(v.shape)) for k, v in reference.items() if k != "lm_head.weight"]
-    assert [(s.name, s.shape) for s in weight_specs(config)] == expected
+    assert [(s.name, s.shape) for s in hf_tensors(config)] == expected
     qkv = 64 + 2 * 16 if multi_query else 3 * 64
     assert dict(expected)["transformer.h.0.attn.c_attn.weight"] == (qkv, 64)
-    assert sum(s.numel for s in weight_specs(config)) == config.num_parameters()
+    tied = sum(v.numel() for k, v in reference.items() if k != "lm_head.weight")
+    assert config.num_parameters() == tied
 
 
 @pytest.mark.parametrize("fixture", ["tiny_mqa_dir", "tiny_mha_dir"])

@@ -88,7 +88,8 @@ def test_json_schema_follows_the_fields():
         "description": "Most tokens generated for one suggestion.",
     }
     assert schema["prefixTokens"]["type"] == ["integer", "null"]
-    assert schema["fimMode"]["enum"] == ["spm", "psm"]
+    assert schema["fimMode"]["enum"] == ["spm", "psm", None]  # None: the model's own order
+    assert schema["multiline"]["enum"] == ["auto", "always", "never"]
 
 
 def test_the_settings_command_prints_the_schema():

@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from starcoder_lsp import sharding
+from starcoder_lsp.config import PRESETS
 
 
 def test_mesh_strings():
@@ -17,9 +18,24 @@ def test_mesh_strings():
         sharding.make_mesh("4x4")
 
 
-def test_a_dimension_that_does_not_divide_is_replicated():
+def test_heads_split_whole_or_not_at_all():
+    """A split follows the count of heads (or rows), never cutting a head in two: the 3B
+    StarCoder's 22 query heads do not divide 8 ways (their 2,816 rows would)."""
     mesh = sharding.make_mesh("1x8")
-    assert sharding.param_spec("h_3/mlp/c_fc/kernel", (64, 16), mesh) == sharding.P("mp", None)
-    assert sharding.param_spec("h_0/attn/q_proj/kernel", (100, 16), mesh) == sharding.P()
-    assert sharding.param_spec("ln_f/scale", (64,), mesh) == sharding.P()
+    spec = lambda path, config: sharding.param_spec(path, mesh, config)
+    tiny = PRESETS["test-tiny"]  # 4 heads, 1 key/value head, MLP 256, vocabulary 1024
+    assert spec("h_3/mlp/c_fc/kernel", tiny) == sharding.P("mp", None)
+    assert spec("h_3/mlp/c_fc/scale", tiny) == sharding.P("mp")
+    assert spec("wte/embedding", tiny) == sharding.P("mp", None)
+    assert spec("h_0/attn/q_proj/kernel", tiny) == sharding.P()  # 4 heads, 8 devices
+    assert spec("h_0/attn/kv_proj/kernel", tiny) == sharding.P()  # MQA: replicated
+    assert spec("ln_f/scale", tiny) == sharding.P()
+    big = PRESETS["starcoderbase-3b"]
+    assert spec("h_0/attn/q_proj/kernel", big) == sharding.P()
+    assert spec("h_0/attn/c_proj/kernel", big) == sharding.P()
+    sc2 = PRESETS["starcoder2-7b"]  # 36 query heads, 4 key/value heads
+    four = sharding.make_mesh("2x4")
+    assert sharding.param_spec("h_0/attn/q_proj/kernel", four, sc2) == sharding.P("mp", None)
+    assert sharding.param_spec("h_0/attn/kv_proj/kernel", four, sc2) == sharding.P("mp", None)
+    assert sharding.param_spec("h_0/attn/kv_proj/kernel", mesh, sc2) == sharding.P()
     assert len(jax.devices()) >= 8

@@ -49,7 +49,7 @@ test('the server settings are the properties besides the connection ones', () =>
   assert.ok(SERVER_KEYS.every((key) => !CONNECTION_KEYS.includes(key.split('.')[0])));
 });
 
-test('the defaults come from package.json; null ones are not sent', () => {
+test("the defaults come from package.json; null ones (fimMode: the model's own) are not sent", () => {
   assert.equal(DEFAULT_SETTINGS.serverCommand, 'starcoder-lsp');
   assert.deepEqual(DEFAULT_SETTINGS.remote, { host: '', port: 2087, token: '', tls: false, tlsCaFile: '' });
   assert.deepEqual(serverSettings(DEFAULT_SETTINGS), {
@@ -57,7 +57,6 @@ test('the defaults come from package.json; null ones are not sent', () => {
     maxNewTokens: 64,
     temperature: 0,
     topP: 1,
-    fimMode: 'spm',
     multiline: 'auto',
     minChars: 1,
     filename: false,
@@ -79,7 +78,6 @@ test('settings the user changed are sent, filename and the token too', () => {
     maxNewTokens: 64,
     temperature: 0,
     topP: 1,
-    fimMode: 'spm',
     multiline: 'auto',
     minChars: 1,
     prefixTokens: 100,

@@ -1,0 +1,128 @@
+"""int8 weights: the per-channel error bound, the model against float32, the quantize command,
+quantized checkpoints on meshes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from starcoder_lsp import checkpoint, sharding
+from starcoder_lsp.bench import weight_bytes
+from starcoder_lsp.errors import CheckpointError
+from starcoder_lsp.factory import ModelOptions
+from starcoder_lsp.model import GPTBigCode, empty_past
+from starcoder_lsp.quantize import dequantize_rows, quantize_checkpoint, quantize_rows
+from starcoder_lsp.runner import Runner
+
+# The logits of the int8 model stay within this share of the float32 logits' spread.
+LOGIT_TOLERANCE = 0.05
+
+
+def test_each_value_is_within_half_its_rows_step():
+    weights = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    weights[3] *= 100  # rows of very different ranges get scales of their own
+    weights[5] = 0.0
+    quantized, scale = quantize_rows(weights)
+    assert quantized.dtype == np.int8 and scale.shape == (64,)
+    error = np.abs(dequantize_rows(quantized, scale) - weights)
+    assert (error <= scale[:, None] / 2 + 1e-6).all()
+    assert np.abs(quantized).max() == 127
+    assert (dequantize_rows(quantized, scale)[5] == 0).all()
+
+
+def _logits(ckpt: checkpoint.Checkpoint, tokens: np.ndarray) -> np.ndarray:
+    model = GPTBigCode(ckpt.config)
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    past = empty_past(ckpt.config, tokens.shape[0], jnp.float32)
+    logits, _ = model.apply(
+        {"params": ckpt.params},
+        jnp.asarray(tokens),
+        jnp.asarray(positions),
+        jnp.ones(tokens.shape, bool),
+        past,
+    )
+    return np.asarray(logits)
+
+
+@pytest.fixture(scope="module", params=["mqa", "mha"])
+def pair(request, tiny_mqa_dir, tiny_mha_dir):
+    directory = tiny_mqa_dir if request.param == "mqa" else tiny_mha_dir
+    return checkpoint.load(directory), checkpoint.load(directory, quantize="int8")
+
+
+def test_weights_are_int8_and_take_a_quarter_of_the_bytes(pair):
+    full, quantized = pair
+    kernel = quantized.params["h_0"]["mlp"]["c_fc"]
+    assert kernel["kernel"].dtype == jnp.int8 and kernel["scale"].dtype == jnp.float32
+    assert quantized.params["wte"]["embedding"].dtype == jnp.int8
+    assert quantized.params["wpe"]["embedding"].dtype == jnp.float32  # one row a step
+    assert weight_bytes(quantized.params) < 0.4 * weight_bytes(full.params)
+
+
+def test_int8_logits_stay_close_to_float32_and_the_argmax_agrees(pair):
+    """Teacher-forced over prompts that grow as typing does: the next-token argmax of the
+    int8 model agrees with float32's at ≥ 95% of positions."""
+    full, quantized = pair
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(20, full.config.vocab_size, (4, 120))
+    expected, got = _logits(full, tokens), _logits(quantized, tokens)
+    spread = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= LOGIT_TOLERANCE * spread
+    agreement = (got.argmax(-1) == expected.argmax(-1)).mean()
+    assert agreement >= 0.95, agreement
+    assert np.abs(got - expected).max() > 0  # it is int8: not bit-for-bit float32
+
+
+def test_a_quantized_checkpoint_round_trips_and_loads_on_meshes(tiny_mqa_dir, tmp_path):
+    target = tmp_path / "int8"
+    wrote = subprocess.run(
+        [sys.executable, "-m", "starcoder_lsp", "quantize", str(tiny_mqa_dir), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert wrote.returncode == 0, wrote.stderr
+    with safe_open(target / "model.safetensors", framework="numpy") as f:
+        weight = f.get_tensor("transformer.h.0.attn.c_attn.weight")
+        scale = f.get_tensor("transformer.h.0.attn.c_attn.weight_scale")
+        assert weight.dtype == np.int8 and scale.shape == (weight.shape[0],)
+        assert f.get_tensor("transformer.wpe.weight").dtype == np.float32
+    tokens = np.random.default_rng(2).integers(20, 1000, (2, 40))
+    at_load = _logits(checkpoint.load(tiny_mqa_dir, quantize="int8"), tokens)
+    for shape in ("1x1", "2x4"):
+        stored = checkpoint.load(target, sharding.make_mesh(shape))
+        assert stored.config.quantization == "int8"
+        np.testing.assert_allclose(_logits(stored, tokens), at_load, atol=1e-5, err_msg=shape)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        quantize_checkpoint(target, tmp_path / "again")
+
+
+def test_the_int8_model_generates_through_the_runner_on_a_2x4_mesh(tiny_mqa_dir):
+    """The compiled steps run on int8 weights split over a mesh as on one device."""
+    prompts = [
+        np.random.default_rng(3 + i).integers(20, 1000, 9 + 5 * i).tolist() for i in range(4)
+    ]
+    outputs = {}
+    for shape in ("1x1", "2x4"):
+        ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh(shape), quantize="int8")
+        assert ckpt.params["h_1"]["mlp"]["c_fc"]["scale"].sharding.spec == sharding.P("mp")
+        runner = Runner.from_checkpoint(ckpt, slots=4, chunks=(8, 32), batches=(1, 4))
+        cache, logits = runner.new_cache(), []
+        for slot, prompt in enumerate(prompts):
+            last, cache, _ = runner.prefill(cache, slot, prompt, 0)
+            logits.append(np.asarray(last))
+        step, cache = runner.decode(cache, [0, 1, 2, 3], [7] * 4, [len(p) for p in prompts])
+        outputs[shape] = [*logits, np.asarray(step)]
+    for a, b in zip(outputs["2x4"], outputs["1x1"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_an_unknown_quantization_is_refused(tiny_mqa_dir):
+    with pytest.raises(CheckpointError, match="int4"):
+        checkpoint.load(tiny_mqa_dir, quantize="int4")
+    assert ModelOptions(tiny_mqa_dir, quantize="int8").quantize == "int8"
