@@ -57,6 +57,11 @@ def test_the_extension_reads_its_settings_from_package_json(compiled: Path) -> N
     assert "# fail 0" in output, output
 
 
+def test_the_extension_logs_stderr_lines_at_their_level(compiled: Path) -> None:
+    output = run("node", "--test", "out/test/serverLog.test.js")
+    assert "# fail 0" in output and "# pass 2" in output, output
+
+
 def test_the_extension_messages_against_the_server(compiled: Path, tiny_mqa_dir: Path) -> None:
     env = {
         **os.environ,
