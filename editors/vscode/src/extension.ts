@@ -160,8 +160,10 @@ async function showStats(): Promise<void> {
   }
   const stats = await running.sendRequest<Stats>(STATS_REQUEST, {});
   const state = stats.error ? `error: ${stats.error}` : stats.ready ? 'ready' : stats.loading;
-  void vscode.window.showInformationMessage(`StarCoder (${state})\n${describeStats(stats)}`, {
-    modal: false,
+  // A notification shows one line; a dialog's detail keeps the line breaks.
+  void vscode.window.showInformationMessage(`StarCoder: ${state}`, {
+    modal: true,
+    detail: describeStats(stats),
   });
 }
 
