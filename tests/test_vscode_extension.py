@@ -41,7 +41,7 @@ def compiled() -> Path:
 
 def test_the_extension_compiles_and_packages(compiled: Path, tmp_path: Path) -> None:
     assert (compiled / "src" / "extension.js").exists()
-    run("npx", "prettier", "--check", "src", "test")
+    run("npx", "prettier", "--check", "src", "test", "e2e")
     vsix = tmp_path / "starcoder-lsp.vsix"
     run("npx", "vsce", "package", "--allow-missing-repository", "--out", str(vsix))
     with zipfile.ZipFile(vsix) as archive:
