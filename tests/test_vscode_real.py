@@ -61,26 +61,15 @@ SETTINGS = {
 }
 
 
-def run(*command: str, cwd: Path = EXTENSION, timeout: float = 600) -> str:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{output}"
-    return output
-
-
 @pytest.fixture(scope="module")
-def vsix(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The extension as users install it."""
+def vsix(vscode_vsix: Path) -> Path:
+    """The extension as users install it, and what runs it here."""
     for path, what in ((NODE, "Node 24"), (CODE_SERVER, "code-server")):
         if not path.exists():
             pytest.fail(f"{what} is not installed ({path}): ./setup.sh installs it")
     if not SPDLOG.exists() or SPDLOG.read_text() != (E2E / "spdlog.cjs").read_text():
         pytest.fail(f"code-server's packages or log writer are missing ({SPDLOG}): ./setup.sh")
-    if not (EXTENSION / "node_modules" / ".package-lock.json").exists():
-        run("npm", "ci", "--no-audit", "--no-fund")
-    out = tmp_path_factory.mktemp("vsix") / "starcoder-lsp.vsix"
-    run("npx", "vsce", "package", "--allow-missing-repository", "--out", str(out))
-    return out
+    return vscode_vsix
 
 
 def server_command(directory: Path, wire: Path) -> Path:
