@@ -154,7 +154,8 @@ def initialize(ls: StarcoderServer, params: types.InitializeParams) -> None:
 
 
 def initialized(ls: StarcoderServer, params: types.InitializedParams) -> None:
-    """Report the model's loading as `$/progress`, or say why it failed."""
+    """Report the model's loading as `$/progress`, or say why it failed; a spawned server's
+    log goes to the client from now on."""
     if ls.client_log is not None:
         ls.client_log.connect(asyncio.get_running_loop())
     if not ls.backend.ready.is_set():
