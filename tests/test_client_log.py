@@ -103,8 +103,6 @@ async def test_a_spawned_server_logs_to_its_client_once_each(
             *SERVE,
             "--model",
             str(tiny_mqa_dir),
-            "--compilation-cache",
-            "off",
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=errors,

@@ -131,7 +131,9 @@ def test_ghost_text_has_its_own_colour_and_the_statusline_turns_ready(
         tmux = term.tmux
         # No key is pressed until the statusline says "ready".
         try:
-            tmux.wait_for_screen("the statusline to say ready", lambda r: "ready" in status_line(r))
+            tmux.wait_for_screen(
+                "the statusline to say ready", lambda r: "ready" in status_line(r), 120
+            )
         except AssertionError as e:
             path = term.screenshot(tmux.screen(), f"{version}-statusline")
             raise AssertionError(f"{e}\n(screenshot: {path})") from None

@@ -19,9 +19,11 @@ every step go to the folder a failure names ($STARCODER_TEST_SCREENSHOTS=DIR to 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -126,12 +128,16 @@ def test_the_extension_in_a_real_vscode(vsix: Path, tiny_mqa_dir: Path, tmp_path
         "docstringLine": 4,  # 1-based: `def add(a, b):`
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    done = subprocess.run(
-        [str(NODE), str(E2E / "drive.mjs"), str(tmp_path / "config.json")],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    try:
+        done = subprocess.run(
+            [str(NODE), str(E2E / "drive.mjs"), str(tmp_path / "config.json")],
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    finally:  # code-server (and the server under it), even when the driver was killed
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int((user_data / "code-server.pid").read_text()), signal.SIGTERM)
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     assert done.returncode == 0, (
         f"{done.stderr}{done.stdout}\nscreenshots and code-server's log: {screenshots}\n"

@@ -83,6 +83,8 @@ function startCodeServer() {
   ];
   const log = fs.openSync(path.join(config.screenshots, 'code-server.log'), 'w');
   const server = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', log] });
+  // Its own process group, ended at the end; the test ends it too if this script is killed.
+  fs.writeFileSync(path.join(config.userDataDir, 'code-server.pid'), String(server.pid));
   return new Promise((resolve, reject) => {
     let seen = '';
     const timer = setTimeout(() => reject(new Error(`code-server did not start:\n${seen}`)), 60000);
