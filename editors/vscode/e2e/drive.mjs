@@ -211,6 +211,18 @@ async function typeUntilGhostText(page, keys) {
   throw new Error(`no ghost text after typing ${JSON.stringify(keys)}`);
 }
 
+/**
+ * Accepts the shown suggestion with Tab. VS Code may show the next one at once: what was shown
+ * has gone (or changed) when Tab was taken; Escape then hides the next.
+ * @param {import('playwright-core').Page} page
+ */
+async function acceptWithTab(page) {
+  const shown = await ghostText(page);
+  await page.keyboard.press('Tab');
+  await waitFor('the suggestion to be taken', async () => (await ghostText(page)) !== shown, 10000);
+  await page.keyboard.press('Escape');
+}
+
 /** @param {import('playwright-core').Page} page @param {string} file */
 async function saveAndRead(page, file) {
   await page.keyboard.press('Control+S');
@@ -268,8 +280,7 @@ async function main() {
     });
 
     await step(page, 'accepted', async () => {
-      await page.keyboard.press('Tab');
-      await waitFor('the ghost text to go', async () => !(await ghostText(page)), 10000);
+      await acceptWithTab(page);
       results.typing.saved = await saveAndRead(page, 'greeting.py');
     });
 
@@ -300,8 +311,7 @@ async function main() {
     });
 
     await step(page, 'bracket-accepted', async () => {
-      await page.keyboard.press('Tab');
-      await waitFor('the ghost text to go', async () => !(await ghostText(page)), 10000);
+      await acceptWithTab(page);
       results.bracketsSaved = await saveAndRead(page, 'brackets.py');
     });
 
