@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -41,13 +40,6 @@ def nvim_binary(version: str = VERSIONS[0]) -> str:
     if binary is None:
         pytest.fail("Neovim (nvim) is not installed: ./setup.sh installs Debian's")
     return binary
-
-
-def nvim_version(binary: str) -> tuple[int, ...]:
-    first = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, check=True, timeout=30
-    ).stdout.split("\n", 1)[0]  # "NVIM v0.11.4"
-    return tuple(int(part) for part in first.split("v", 1)[1].split("-")[0].split("."))
 
 
 @contextmanager
