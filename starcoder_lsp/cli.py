@@ -279,9 +279,7 @@ def _build_completer(
 ) -> Completer:
     from starcoder_lsp.factory import build_completer
 
-    completer = build_completer(_model_options(args, slots), warmup=warmup, progress=progress)
-    print(completer.engine.describe(), file=sys.stderr)
-    return completer
+    return build_completer(_model_options(args, slots), warmup=warmup, progress=progress)
 
 
 def _add_complete(subparsers: Subparsers) -> None:
@@ -327,6 +325,8 @@ def _run_complete(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode, multiline=args.multiline
     )
     completer = _build_completer(args, slots=1, warmup=False)
+    # The server logs this line itself (Engine.start); this command configures no logging.
+    print(completer.engine.describe(), file=sys.stderr)
     try:
         suggestion = completer.complete(str(args.file), text, cursor, settings, args.file.name)
     finally:
@@ -363,7 +363,8 @@ def _add_serve(subparsers: Subparsers) -> None:
         "serve",
         help="run the language server (stdio for one editor, TCP for many)",
         description="Serve inline completions over LSP. The model loads and compiles in the "
-        "background; meanwhile editors get empty answers and $/progress. Logs go to stderr.",
+        "background; meanwhile editors get empty answers and $/progress. Logs go to stderr "
+        "(--tcp) or to the editor as window/logMessage (--stdio).",
         epilog="remote use: on the accelerator host run `starcoder-lsp serve --tcp`, then "
         "`ssh -L 2087:localhost:2087 HOST` on the laptop; or bind a public address with "
         "--host 0.0.0.0 --token SECRET --tls-cert CERT --tls-key KEY.",
@@ -391,7 +392,7 @@ def _add_serve(subparsers: Subparsers) -> None:
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="stderr log level (default: INFO)",
+        help="log level (default: INFO)",
     )
     _add_model_options(parser)
     parser.set_defaults(handler=_run_serve)

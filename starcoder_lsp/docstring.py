@@ -11,6 +11,8 @@ import re
 import textwrap
 from dataclasses import dataclass
 
+from starcoder_lsp.postprocess import printable
+
 QUOTES = '"""'
 HEADER = re.compile(r"^(?P<indent>[ \t]*)(?:async[ \t]+def|def|class)[ \t]+(?P<name>\w+)")
 STRING_START = re.compile(r"^[ \t]*(?:[rRuUbBfF]{0,2})(?:\"\"\"|'''|\"|')")
@@ -121,8 +123,9 @@ def fim_split(text: str, target: Target) -> tuple[str, str]:
 
 def format_docstring(generated: str, indent: str) -> str:
     """The lines to insert: the model's text up to any closing quotes, its continuation lines
-    re-indented to the body, closed on its own line when it spans several."""
-    text = generated.split(QUOTES, 1)[0].replace("\r", "")
+    re-indented to the body, closed on its own line when it spans several. Nothing an editor
+    should not insert (postprocess.printable) gets through."""
+    text = printable(generated.split(QUOTES, 1)[0])
     text = text.rstrip().rstrip("\\\"'").rstrip()
     first, _, rest = text.lstrip().partition("\n")
     body = [line.rstrip() for line in textwrap.dedent(rest).split("\n")] if rest else []

@@ -1,8 +1,9 @@
 """Cut and clean what the model wrote, so that what reaches the editor is worth showing.
 
-A suggestion is one line unless the cursor starts a block; it never shows a special token,
-does not repeat what already follows the cursor, and ends at a closing bracket that closes
-something before the cursor. When the editor has already auto-closed that bracket, the
+A suggestion is one line unless the cursor starts a block; it never shows a special token or
+a character an editor should not insert (U+FFFD, control characters), does not repeat what
+already follows the cursor, and ends at a closing bracket that closes something before the
+cursor. When the editor has already auto-closed that bracket, the
 suggestion replaces it instead of doubling it.
 """
 
@@ -16,6 +17,10 @@ SPECIAL = re.compile(
     r"<\|endoftext\|>|<fim[_-][a-z]+>|<filename>|<file_sep>|<reponame>|<gh_stars>"
     r"|<issue_[a-z]+>|<jupyter_[a-z]+>|<empty_output>|<commit_[a-z]+>|<repo_name>"
 )
+# What no editor should insert: U+FFFD, which the tokenizer writes for bytes that are not
+# UTF-8 (a multi-byte character cut by the token limit, or byte tokens the model strung
+# together badly), and the control characters (C0, DEL, C1) other than tab and newline.
+UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
 OPENERS = {"(": ")", "[": "]", "{": "}"}
 CLOSERS = {v: k for k, v in OPENERS.items()}
 BLOCK_OPENERS = (":", "{", "(", "[", "=>")
@@ -61,6 +66,12 @@ def wants_multiline(prefix: str, suffix: str) -> bool:
 def strip_special(raw: str) -> str:
     match = SPECIAL.search(raw)
     return raw[: match.start()] if match else raw
+
+
+def printable(text: str) -> str:
+    """`text` without U+FFFD and control characters but tab and newline: a character the
+    token limit cut in the middle of its bytes is dropped whole, never sent half."""
+    return UNPRINTABLE.sub("", text)
 
 
 def _cut_block(text: str, prefix: str) -> str:
@@ -131,7 +142,7 @@ def _trim_suffix_overlap(text: str, rest: str) -> str:
 
 
 def cut_completion(raw: str, prefix: str, suffix: str, multiline: bool) -> Cut:
-    text = strip_special(raw)
+    text = printable(strip_special(raw))
     rest = _rest_of_line(suffix)
     if multiline:
         text = _drop_repeated_lines(_cut_block(text, prefix), suffix)

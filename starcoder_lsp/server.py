@@ -27,6 +27,7 @@ from pygls.workspace import TextDocument
 from starcoder_lsp import __version__, docstring
 from starcoder_lsp import settings as settings_schema
 from starcoder_lsp.backend import Backend, Stats
+from starcoder_lsp.client_log import ClientLogHandler
 from starcoder_lsp.completer import Pending, Suggestion
 from starcoder_lsp.positions import offset_at, position_at
 
@@ -102,6 +103,8 @@ class StarcoderServer(LanguageServer):
         self.unknown_reported: set[str] = set()
         # Set by a transport that serves many connections: ends this one only.
         self.close_connection: Callable[[], None] | None = None
+        # Set by the stdio transport: the log goes to the client once it has initialized.
+        self.client_log: ClientLogHandler | None = None
 
     def apply_settings(self, options: Any) -> None:
         if not isinstance(options, dict):
@@ -151,7 +154,10 @@ def initialize(ls: StarcoderServer, params: types.InitializeParams) -> None:
 
 
 def initialized(ls: StarcoderServer, params: types.InitializedParams) -> None:
-    """Report the model's loading as `$/progress`, or say why it failed."""
+    """Report the model's loading as `$/progress`, or say why it failed; a spawned server's
+    log goes to the client from now on."""
+    if ls.client_log is not None:
+        ls.client_log.connect(asyncio.get_running_loop())
     if not ls.backend.ready.is_set():
         asyncio.ensure_future(_report_loading(ls))
     elif ls.backend.error is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pygls.io_ import run_async
 
+from starcoder_lsp import client_log
 from starcoder_lsp.errors import StarcoderError
 from starcoder_lsp.server import Backend, StarcoderServer, build_server
 
@@ -45,7 +46,11 @@ def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
 
 
 def serve_stdio(backend: Backend) -> None:
-    build_server(backend).start_io()
+    """One editor, which spawned the server: the log goes to it (client_log.py)."""
+    server = build_server(backend)
+    with client_log.to_client(server) as handler:
+        server.client_log = handler
+        server.start_io()
 
 
 def check_exposure(host: str, token: str | None) -> None:

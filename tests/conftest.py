@@ -14,6 +14,7 @@ import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from vscode_build import package  # noqa: E402
 
 from starcoder_lsp.config import PRESETS  # noqa: E402
 from starcoder_lsp.random_model import write_random_model  # noqa: E402
@@ -68,3 +69,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture(scope="session")
+def vscode_vsix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The VS Code extension compiled and packaged, as users install it (once a session)."""
+    return package(tmp_path_factory.mktemp("vsix") / "starcoder-lsp.vsix")

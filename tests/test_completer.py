@@ -11,6 +11,7 @@ from starcoder_lsp import checkpoint
 from starcoder_lsp.completer import Completer, Settings
 from starcoder_lsp.engine import Engine
 from starcoder_lsp.generate import Runner
+from starcoder_lsp.request import Handle, Request, Result
 
 SOURCE = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
 
@@ -117,3 +118,40 @@ def test_settings_are_checked():
         Settings(max_new_tokens=0)
     with pytest.raises(ValueError, match="multiline"):
         Settings(multiline="sometimes")
+
+
+class _Answers:
+    """An engine stand-in that answers every request with `tokens`, decoded by `decode`, as
+    if the token limit had stopped it there."""
+
+    context = 512
+
+    def __init__(self, tokens: list[int], decode) -> None:
+        self.tokens = tokens
+        self.decode = decode
+
+    def submit(self, request: Request) -> Handle:
+        handle = Handle(request)
+        text = self.decode(self.tokens)
+        n = len(request.ids)
+        result = Result(self.tokens, text, "length", n, 0, n, 0.0, 0.0, 0.0, len(self.tokens))
+        handle.future.set_result(result)
+        return handle
+
+
+def test_a_character_cut_by_the_token_limit_is_never_sent_half(tiny_mqa_dir):
+    """The byte-level tokenizer splits a rare 4-byte character into byte tokens; a limit that
+    stops after some of them leaves U+FFFD in the decoded text. The suggestion drops it, and
+    the control characters the model wrote."""
+    tokenizer, tokens = checkpoint.load_tokenizer(tiny_mqa_dir)
+    written = "name = 'ab\x1b[1m\x07\U0001d518'"
+    ids = tokenizer.encode(written)
+    cuts = [k for k in range(1, len(ids)) if "\ufffd" in tokenizer.decode(ids[:k])]
+    assert cuts, "the test tokenizer kept the 4-byte character in one token"
+    settings = Settings(max_new_tokens=len(ids), multiline="never")
+    for k in cuts:
+        completer = Completer(_Answers(ids[:k], tokenizer.decode), tokenizer, tokens)
+        suggestion = completer.complete("doc", "x = 1\n", 6, settings)
+        assert suggestion.text == "name = 'ab[1m", (k, suggestion.result.text)
+    whole = Completer(_Answers(ids, tokenizer.decode), tokenizer, tokens)
+    assert whole.complete("doc", "x = 1\n", 6, settings).text == "name = 'ab[1m\U0001d518'"

@@ -91,3 +91,8 @@ def test_formatted_docstring_compiles_in_place() -> None:
 def test_stop_rule() -> None:
     assert stop_at_quotes('Adds."""')
     assert not stop_at_quotes("Adds two")
+
+
+def test_no_replacement_character_or_control_characters_in_a_docstring() -> None:
+    written = "Add \x1b[1ma\x00 and b\ufffd.\r\n"
+    assert format_docstring(written, "    ") == '    """Add [1ma and b."""\n'

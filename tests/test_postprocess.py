@@ -91,3 +91,12 @@ def test_brackets_inside_strings_close_nothing():
 def test_rewriting_the_next_line_is_no_suggestion():
     cut = cut_completion("return x", "def f(x):\n    ", "\n    return x\n", False)
     assert cut.text == ""
+
+
+def test_no_replacement_character_or_control_characters_reach_the_editor():
+    # U+FFFD (bytes that were not UTF-8), an escape sequence, NUL, BEL, CR, DEL and a C1
+    # control: all dropped; tab and newline stay.
+    raw = "x = 'caf\ufffd'\x1b[31m + 1\x00\x07\r\x7f\x85\t# ok\nnext"
+    assert cut_completion(raw, "y = ", "\n", False).text == "x = 'caf'[31m + 1\t# ok"
+    block = cut_completion("a = 1\x00\n    b = '\ufffd\ufffd'\n", "def f():\n    ", "\n", True)
+    assert block.text == "a = 1\n    b = ''"

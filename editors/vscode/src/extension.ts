@@ -2,6 +2,7 @@
 // server's inline completions and runs the command each accepted item carries; this file
 // starts the client (spawned or remote), keeps the server's settings in sync, and adds the
 // docstring command and the status-bar item.
+import * as readline from 'node:readline';
 import * as vscode from 'vscode';
 import {
   DidChangeConfigurationNotification,
@@ -28,6 +29,7 @@ import {
   type Settings,
   type Stats,
 } from './options';
+import { stderrLogger } from './serverLog';
 import { StatusItem, describeStats } from './status';
 
 let client: LanguageClient | undefined;
@@ -49,11 +51,21 @@ function serverOptions(s: Settings): ServerOptions {
   return serverCommand(s);
 }
 
+function eachLine(input: NodeJS.ReadableStream, onLine: (line: string) => void): void {
+  readline.createInterface({ input, crlfDelay: Infinity, terminal: false }).on('line', onLine);
+}
+
 function clientOptions(s: Settings): LanguageClientOptions {
   return {
     documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
     initializationOptions: initializationOptions(s),
     outputChannel: output,
+    // The server's own log arrives as window/logMessage; stderr lines keep their level
+    // rather than all showing as errors.
+    stdioOptions: {
+      stdout: (input, channel) => eachLine(input, (line) => channel.info(line)),
+      stderr: (input, channel) => eachLine(input, stderrLogger(channel)),
+    },
   };
 }
 
@@ -148,8 +160,10 @@ async function showStats(): Promise<void> {
   }
   const stats = await running.sendRequest<Stats>(STATS_REQUEST, {});
   const state = stats.error ? `error: ${stats.error}` : stats.ready ? 'ready' : stats.loading;
-  void vscode.window.showInformationMessage(`StarCoder (${state})\n${describeStats(stats)}`, {
-    modal: false,
+  // A notification shows one line; a dialog's detail keeps the line breaks.
+  void vscode.window.showInformationMessage(`StarCoder: ${state}`, {
+    modal: true,
+    detail: describeStats(stats),
   });
 }
 

@@ -69,6 +69,8 @@ export class StatusItem implements vscode.Disposable {
     this.detail = detail;
     this.item.text = `${ICONS[phase]} StarCoder`;
     this.item.tooltip = `StarCoder: ${phase}\n${detail}`;
+    // What a screen reader says (the icon alone tells the phase only to the eye).
+    this.item.accessibilityInformation = { label: `StarCoder: ${phase}` };
     this.item.backgroundColor =
       phase === 'error' ? new vscode.ThemeColor('statusBarItem.errorBackground') : undefined;
   }

@@ -11,12 +11,23 @@ local client_id = nil
 -- The latest `$/progress` of the model load: { message = "...", percentage = n, done = bool }.
 M.progress = {}
 
+-- Statuslines show status(): Neovim redraws them on its own only for a key or an event of its
+-- own (0.7 happened to for $/progress, 0.11 does not).
+local redraw_status = vim.schedule_wrap(function()
+  vim.cmd("redrawstatus!")
+end)
+
+local function set_progress(progress)
+  M.progress = progress
+  redraw_status()
+end
+
 local function on_progress(err, result, ctx, cfg)
   local value = result and result.value or {}
   if value.kind == "begin" or value.kind == "report" then
-    M.progress = { message = value.message or value.title, percentage = value.percentage }
+    set_progress({ message = value.message or value.title, percentage = value.percentage })
   elseif value.kind == "end" then
-    M.progress = { message = value.message, percentage = 100, done = true }
+    set_progress({ message = value.message, percentage = 100, done = true })
   end
   local default = vim.lsp.handlers["$/progress"]
   if default then
@@ -83,9 +94,24 @@ M.failure = nil
 
 local function fail(message)
   M.failure = message
-  M.progress = { message = message, done = true }
+  set_progress({ message = message, done = true })
   vim.schedule(function()
     vim.notify("starcoder: " .. message, vim.log.levels.ERROR)
+  end)
+end
+
+-- A server that loaded its model before this client connected (a remote one, long running)
+-- reports no progress: ask it once whether the model is ready.
+local function on_init(client)
+  compat.request(client, "starcoder/stats", vim.empty_dict(), function(err, stats)
+    if err or type(stats) ~= "table" or M.progress.done or M.progress.percentage then
+      return
+    end
+    if stats.error and stats.error ~= vim.NIL then
+      set_progress({ message = "error: " .. tostring(stats.error), done = true })
+    elseif stats.ready then
+      set_progress({ message = "ready", percentage = 100, done = true })
+    end
   end)
 end
 
@@ -97,6 +123,7 @@ function M.lsp_config(options)
     init_options = config.init_options(options),
     capabilities = capabilities(),
     handlers = { ["$/progress"] = on_progress },
+    on_init = on_init,
     on_exit = function(code, _, id)
       if id ~= client_id then -- a client stopped on purpose
         return
@@ -123,7 +150,7 @@ function M.ensure()
   if client or M.failure or client_id then -- client_id: exiting, on_exit will tell why
     return client
   end
-  M.progress = { message = "starting" }
+  set_progress({ message = "starting" })
   local ok, id = pcall(compat.start_client, M.lsp_config(config.options))
   if not ok or not id then
     fail("the server could not be started: " .. tostring(ok and "no client" or id))

@@ -9,6 +9,7 @@ local compat = require("starcoder.compat")
 local config = require("starcoder.config")
 local docstring = require("starcoder.docstring")
 local keymaps = require("starcoder.keymaps")
+local render = require("starcoder.render")
 local suggestion = require("starcoder.suggestion")
 
 local api = vim.api
@@ -29,6 +30,8 @@ end
 
 local function setup_highlight()
   vim.cmd("highlight default link " .. config.options.hl_group .. " Comment")
+  -- For terminals where Comment has no colour of its own (see render.group).
+  vim.cmd("highlight default " .. render.fallback_group .. " ctermfg=8 guifg=Grey")
 end
 
 --- Starts the plugin: options (see config.lua, `:help starcoder-setup`), autocommands that
@@ -48,6 +51,15 @@ function M.setup(user)
     end,
   })
   api.nvim_create_autocmd("ColorScheme", { group = group, callback = setup_highlight })
+  api.nvim_create_autocmd({ "ColorScheme", "OptionSet" }, {
+    group = group,
+    pattern = { "*", "termguicolors" },
+    callback = function(event)
+      if event.event == "ColorScheme" or event.match == "termguicolors" then
+        suggestion.redraw()
+      end
+    end,
+  })
   setup_highlight()
   if use_builtin() then
     keymaps.set_builtin(options.keys)

@@ -14,6 +14,37 @@ local function width(s)
   return vim.fn.strdisplaywidth(s)
 end
 
+-- Drawn instead of the configured group where that group looks like plain text.
+M.fallback_group = "StarcoderSuggestionTerm"
+
+local CTERM_ATTRIBUTES = { "bold", "italic", "reverse", "underline", "undercurl", "strikethrough" }
+
+--- Whether `group` (after links) looks different from plain text in a terminal that is not
+--- using GUI colours: a foreground, a background or an attribute of its own.
+local function has_cterm_look(group)
+  local id = vim.fn.synIDtrans(vim.fn.hlID(group))
+  if vim.fn.synIDattr(id, "fg", "cterm") ~= "" or vim.fn.synIDattr(id, "bg", "cterm") ~= "" then
+    return true
+  end
+  for _, attribute in ipairs(CTERM_ATTRIBUTES) do
+    if vim.fn.synIDattr(id, attribute, "cterm") == "1" then
+      return true
+    end
+  end
+  return false
+end
+
+--- The highlight group to draw a suggestion with: `group`, unless Neovim uses terminal
+--- colours ('notermguicolors') and `group` has none, as Comment in the default colour
+--- scheme of Neovim 0.10 and later: then the suggestion would look like code, and the
+--- fallback group (grey, ctermfg=8) is drawn instead.
+function M.group(group)
+  if vim.o.termguicolors or has_cterm_look(group) then
+    return group
+  end
+  return M.fallback_group
+end
+
 -- Virtual text shows a tab as one cell: spell it out as spaces.
 local function expand_tabs(chunks)
   local spaces = string.rep(" ", vim.bo.tabstop)

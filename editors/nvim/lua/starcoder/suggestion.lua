@@ -60,7 +60,8 @@ end
 local function draw()
   local row, col = position("anchor")
   local end_row, end_col = position("finish")
-  render.show(current.bufnr, row, col, current.text, end_row, end_col, config.options.hl_group)
+  local hl = render.group(config.options.hl_group)
+  render.show(current.bufnr, row, col, current.text, end_row, end_col, hl)
 end
 
 local function clear()
@@ -110,6 +111,13 @@ local function present(bufnr, c, raw_items)
   end
   if #items > 0 then
     show(bufnr, c.id, items, 1)
+  end
+end
+
+--- Draws the shown suggestion again (the colours changed: 'termguicolors', colour scheme).
+function M.redraw()
+  if current and api.nvim_buf_is_valid(current.bufnr) then
+    draw()
   end
 end
 
