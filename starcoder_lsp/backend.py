@@ -89,6 +89,14 @@ class Backend:
         threading.Thread(target=self._run, name="starcoder-load", daemon=True).start()
         return self
 
+    def abort(self, reason: str) -> None:
+        """Stop serving: every request gets `reason` as its error, now and from now on."""
+        self.error = reason
+        self.progress = (1, 1, f"failed: {reason}")
+        if self.completer is not None:
+            self.completer.engine.abort(RuntimeError(reason))
+        self.completer = None
+
     def close(self) -> None:
         if self.completer is not None:
             self.completer.engine.close()

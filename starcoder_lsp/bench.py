@@ -43,11 +43,12 @@ class Report:
     rows: list[Row] = field(default_factory=list)
 
     def table(self) -> str:
+        width = max([42, *(len(f"{r.name} ({r.unit})") for r in self.rows)])
         lines = [
             f"model {self.model} · {self.dtype} · {self.device}",
-            f"| {'measure':<42} | {'starcoder-lsp':>13} | {'transformers':>12} | {'ratio':>7} |"
-            f" note",
-            f"|{'-' * 44}|{'-' * 15}|{'-' * 14}|{'-' * 9}|------",
+            f"| {'measure':<{width}} | {'starcoder-lsp':>13} | {'transformers':>12} | "
+            f"{'ratio':>7} | note",
+            f"|{'-' * (width + 2)}|{'-' * 15}|{'-' * 14}|{'-' * 9}|------",
         ]
         for r in self.rows:
             ratio = ""
@@ -56,7 +57,7 @@ class Report:
                 better_high = r.unit in ("tok/s", "GB/s")
                 ratio = f"{(r.ours / r.theirs if better_high else r.theirs / r.ours):.2f}x"
             lines.append(
-                f"| {r.name + ' (' + r.unit + ')':<42} | {_fmt(r.ours):>13} | "
+                f"| {r.name + ' (' + r.unit + ')':<{width}} | {_fmt(r.ours):>13} | "
                 f"{_fmt(r.theirs):>12} | {ratio:>7} | {r.note}"
             )
         return "\n".join(lines)

@@ -275,11 +275,17 @@ def _compilation_cache(args: argparse.Namespace) -> str | None:
 
 
 def _build_completer(
-    args: argparse.Namespace, slots: int, warmup: bool, progress: Progress | None = None
+    args: argparse.Namespace,
+    slots: int,
+    warmup: bool,
+    progress: Progress | None = None,
+    wrap_runner: Callable | None = None,
 ) -> Completer:
     from starcoder_lsp.factory import build_completer
 
-    return build_completer(_model_options(args, slots), warmup=warmup, progress=progress)
+    return build_completer(
+        _model_options(args, slots), warmup=warmup, progress=progress, wrap_runner=wrap_runner
+    )
 
 
 def _add_complete(subparsers: Subparsers) -> None:
@@ -395,6 +401,7 @@ def _add_serve(subparsers: Subparsers) -> None:
         help="log level (default: INFO)",
     )
     _add_model_options(parser)
+    _add_multihost_options(parser)
     parser.set_defaults(handler=_run_serve)
 
 
@@ -422,8 +429,16 @@ def _run_serve(args: argparse.Namespace) -> int:
     elif args.tls_cert or args.tls_key or args.token:
         raise StarcoderError("--token and --tls-cert/--tls-key apply to --tcp only")
 
+    wrap_runner = None
+    if args.coordinator is not None or args.num_processes is not None:
+        wrap_runner = _join_processes(args, lambda reason: backend.abort(reason))
+        if wrap_runner is None:  # a follower: it serves no editor
+            return _follow(args)
+
     def load(progress: Progress) -> Completer:
-        return _build_completer(args, slots=args.cache_slots, warmup=True, progress=progress)
+        return _build_completer(
+            args, slots=args.cache_slots, warmup=True, progress=progress, wrap_runner=wrap_runner
+        )
 
     backend = Backend(load, args.model, settings).start()
     try:
@@ -434,6 +449,58 @@ def _run_serve(args: argparse.Namespace) -> int:
     finally:
         backend.close()
     return 0
+
+
+def _add_multihost_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "several hosts",
+        "one mesh over the devices of several processes (a TPU pod slice): start the same "
+        "command on every host; process 0 serves editors, the others follow it. On TPU VMs "
+        "JAX can read the process count and index from the environment; --coordinator is "
+        "always needed (the followers' side channel reaches the leader there)",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    group.add_argument("--num-processes", type=int, help="how many processes in all")
+    group.add_argument("--process-id", type=int, help="this process's index (0 leads)")
+    group.add_argument(
+        "--follower-port",
+        type=int,
+        help="where followers reach the leader's side channel (default: the coordinator's "
+        "port + 1)",
+    )
+
+
+def _join_processes(args: argparse.Namespace, on_lost: Callable[[str], None]) -> Callable | None:
+    """Join the other processes; the leader gets how to wrap its runner, a follower None."""
+    import jax
+
+    from starcoder_lsp import multihost
+
+    if args.draft_model:
+        raise StarcoderError("--draft-model is not supported across several processes yet")
+    if args.coordinator is None:
+        raise StarcoderError("several processes need --coordinator HOST:PORT (process 0's)")
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    if jax.process_index() != 0:
+        return None
+
+    def lost(reason: str) -> None:
+        on_lost(reason)
+        multihost.abort_soon(reason)
+
+    _, port = multihost.side_channel(args.coordinator, args.follower_port)
+    return multihost.leader_runner(port, lost)
+
+
+def _follow(args: argparse.Namespace) -> int:
+    from starcoder_lsp import multihost
+    from starcoder_lsp.factory import build_assistant, build_runner, load_checkpoint
+
+    options = _model_options(args, args.cache_slots)
+    ckpt = load_checkpoint(options)
+    runner = build_runner(options, ckpt, build_assistant(options, ckpt))
+    leader = multihost.side_channel(args.coordinator, args.follower_port)
+    return multihost.follow(runner, leader)
 
 
 def _add_quantize(subparsers: Subparsers) -> None:

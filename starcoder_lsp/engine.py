@@ -128,6 +128,18 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
+    def abort(self, error: Exception) -> None:
+        """Fail every request now, from any thread, and take no more: for when the worker may
+        be stuck (a multi-host step waiting for a process that is gone)."""
+        with self._cv:
+            self._closed = True
+            pending, self._pending = list(self._pending), deque()
+            active = list(self._active)
+            self._cv.notify_all()
+        for handle in [*pending, *(row.handle for row in active)]:
+            if not handle.future.done():
+                handle.future.set_exception(error)
+
     def __enter__(self) -> Engine:
         return self
 

@@ -7,6 +7,7 @@ is wired once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,26 +92,39 @@ def completer_for(ckpt: Checkpoint, engine: Engine) -> Completer:
     return Completer(engine, ckpt.tokenizer, ckpt.tokens, fim_mode)
 
 
+def build_runner(
+    options: ModelOptions,
+    ckpt: Checkpoint,
+    assistant: Assistant | None = None,
+    **runner_options: object,
+) -> Runner:
+    """The model's runner as the options make it: what every process of a multi-host
+    server must build alike."""
+    runner_options.setdefault("slots", options.slots)
+    if assistant is not None:
+        runner_options.setdefault("draft_tokens", assistant.k)
+        runner_options.setdefault("draft_distributions", assistant.drafter.distributions)
+        if options.draft_model is not None:  # a draft cannot propose past its own context
+            runner_options.setdefault("max_len", assistant.drafter.runner.max_len)
+    return Runner.from_checkpoint(ckpt, **runner_options)
+
+
 def build_completer(
     options: ModelOptions,
     *,
     warmup: bool = True,
     progress: Progress | None = None,
+    wrap_runner: Callable[[Runner], Runner] | None = None,
     **runner_options: object,
 ) -> Completer:
     """Everything, started: the engine compiles every shape first when `warmup` (a server),
-    else each shape when first needed (a one-shot command)."""
+    else each shape when first needed (a one-shot command). wrap_runner: what the engine
+    drives in place of the runner (a multi-host leader's)."""
     ckpt = load_checkpoint(options, progress)
     assistant = build_assistant(options, ckpt, progress)
-    if assistant is not None and options.draft_model is not None:
-        # A draft cannot propose past its own context.
-        runner_options.setdefault("max_len", assistant.drafter.runner.max_len)
-    engine = build_engine(
-        ckpt,
-        prefix_cache=options.prefix_cache,
-        assistant=assistant,
-        slots=options.slots,
-        **runner_options,
-    )
+    runner = build_runner(options, ckpt, assistant, **runner_options)
+    if wrap_runner is not None:
+        runner = wrap_runner(runner)
+    engine = build_engine(ckpt, runner, prefix_cache=options.prefix_cache, assistant=assistant)
     engine.start(progress, warmup=warmup)
     return completer_for(ckpt, engine)

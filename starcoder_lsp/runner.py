@@ -258,7 +258,7 @@ class Runner:
 
     def sample(self, logits: jax.Array, sampling: Sampling, key: jax.Array) -> np.ndarray:
         """The next token of each row of `logits`, on the host."""
-        return np.asarray(steps.sample_tokens(logits, key, sampling))
+        return steps.to_host(steps.sample_tokens(logits, key, sampling))
 
     def pad_sampling(self, sampling: Sampling, n: int) -> Sampling:
         """Per-row settings padded to the decode batch bucket that n rows use."""
@@ -285,7 +285,7 @@ class Runner:
             self.model, self.params, cache, rows, counts, draft_probs, sampling, key
         )
         cache = steps.write(cache, new_kv, rows.positions, rows.valid, rows.slots)
-        return np.asarray(accepted), np.asarray(following), cache
+        return steps.to_host(accepted), steps.to_host(following), cache
 
     def _steps(
         self, cache: jax.Array, rows: StepRows, sampling: Sampling, key: jax.Array
@@ -295,8 +295,8 @@ class Runner:
         out, recent, probs = steps.decode_steps(self.model, self.params, *args)
         at = rows.positions[:, None] + np.arange(count, dtype=np.int32)
         valid = rows.valid[:, None] & (at < self.max_len)
-        probs = None if probs is None else np.asarray(probs)
-        return np.asarray(out), probs, steps.write(cache, recent, at, valid, rows.slots)
+        probs = None if probs is None else steps.to_host(probs)
+        return steps.to_host(out), probs, steps.write(cache, recent, at, valid, rows.slots)
 
     def _decode_rows(
         self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]

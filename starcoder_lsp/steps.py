@@ -154,3 +154,14 @@ def write(
 # Sampling is compiled apart from the model: it depends on the batch size only, not on the
 # chunk or span, so its sort over the vocabulary is compiled a handful of times, not per shape.
 sample_tokens = jax.jit(sample)
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A step's small result as numpy on this host, wherever its pieces live: on a mesh that
+    spans several hosts, a piece another host holds is gathered (every process calls this
+    for the same arrays, as for the steps themselves)."""
+    if array.is_fully_addressable or array.sharding.is_fully_replicated:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
