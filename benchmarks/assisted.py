@@ -83,11 +83,12 @@ def step_costs(model: Path, repeats: int) -> dict[str, float]:
     ckpt = load_checkpoint(ModelOptions(model))
     prompt = np.random.default_rng(0).integers(20, ckpt.config.vocab_size, 256).tolist()
     greedy, key = Sampling.rows(0.0), jax.random.PRNGKey(0)
-    runners = {k: Runner.from_checkpoint(ckpt, slots=1, draft_tokens=k) for k in KS}
+    # One runner per k (k is a compiled shape); each compiles what it runs at its first,
+    # untimed, call.
+    runners = {k: Runner.from_checkpoint(ckpt, slots=1, draft_tokens=k, chunks=(256,)) for k in KS}
     cases = {}
     for k, runner in runners.items():
-        log(f"{model.name}: compiling verification of {k} drafts")
-        state = {"cache": runner.warmup()}
+        state = {"cache": runner.new_cache()}
         _, state["cache"], _ = runner.prefill(state["cache"], 0, prompt, 0)
 
         def verify(runner: Runner = runner, state: dict = state, k: int = k) -> None:
