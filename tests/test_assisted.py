@@ -167,12 +167,12 @@ def test_greedy_output_is_that_of_plain_decoding(
 
 def test_greedy_output_is_that_of_plain_decoding_on_a_2x4_mesh(tiny_mqa_dir):
     mesh = sharding.make_mesh("2x4")
-    options = dict(mesh=mesh, dtype=jnp.float32, chunks=(4, 16))
-    plain = _greedy(Generator.from_pretrained(tiny_mqa_dir, **options))
+    options = dict(mesh=mesh, dtype=jnp.float32, chunks=(4, 16), batches=(4,))
+    plain = _greedy(Generator.from_pretrained(tiny_mqa_dir, **options), 12)
     assisted = Generator.from_pretrained(tiny_mqa_dir, draft=str(tiny_mqa_dir), **options)
-    assert _greedy(assisted) == plain
+    assert _greedy(assisted, 12) == plain
     looked_up = Generator.from_pretrained(tiny_mqa_dir, draft="prompt-lookup", **options)
-    assert _greedy(looked_up) == plain
+    assert _greedy(looked_up, 12) == plain
 
 
 def test_streaming_yields_the_accepted_tokens_as_they_come(tiny_mqa_dir):

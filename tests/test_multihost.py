@@ -14,7 +14,7 @@ from lsp_wire import WireClient
 
 SERVE = [sys.executable, "-m", "starcoder_lsp", "serve", "--compilation-cache", "off"]
 BEFORE = "import os\n\n\ndef walk(root):\n    for path in os.listdir(root):\n"
-TYPED = "        if path.endswith('.py'):\n            yield path\n"
+TYPED = "        if path.endswith('.py'):"
 URI = "file:///work/walk.py"
 
 
