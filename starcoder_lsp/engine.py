@@ -1,14 +1,27 @@
 """The engine: one model, one key/value cache, requests from every connection in one queue.
 
-A worker thread owns the device cache. Between decode steps it admits waiting requests
-(each reuses the cache slot whose tokens share the longest prefix with its prompt, and
-prefills only the rest), then advances every active request by one token in a single batched
-step. Cancellation and supersession are checked between steps, so a stale request stops
-within one step. Callers get a `Handle` (a concurrent future) and never touch JAX.
+A worker thread owns the device cache. Each turn of its loop it admits waiting requests (each
+reuses the cache slot whose tokens share the longest prefix with its prompt), prefills one
+chunk of one admitted prompt, then advances every decoding request by one token in a single
+batched step. Cancellation and supersession are checked between steps, so a stale request
+stops within one step. Callers get a `Handle` (a concurrent future) and never touch JAX.
 
 It decodes one step per call, where the Generator runs several (Runner.decode_steps): a
 completion is often a line of a few tokens, and eight steps per call would make a new
 keystroke's request wait up to eight steps to join and a finished row waste up to seven.
+
+Many editors share it, so no one of them may hold it up (each limit is off at 0):
+
+- requests wait in one queue per owner (a connection), and slots go to the owners in turn,
+  round robin, not first come first served;
+- an owner has at most `max_queued` requests waiting; a newer one supersedes its oldest;
+- an owner decodes in at most `max_rows` slots at once;
+- a long prompt is prefilled `prefill_chunk` tokens per turn, so that other rows go on
+  decoding between its chunks instead of waiting for the whole prompt;
+- `drop(owner)` stops everything of an owner that left, queued or running.
+
+Every request is resolved: whatever fails while serving it (the model step, a stop rule, the
+tokenizer) resolves it with a RequestError, logged once, here.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import jax
 
 from starcoder_lsp.cache import Lease, PrefixCache
 from starcoder_lsp.progress import Progress
-from starcoder_lsp.request import Handle, Request, Result
+from starcoder_lsp.request import Handle, Request, RequestError, Result
 from starcoder_lsp.runner import Runner
 from starcoder_lsp.sampling import Sampling, split_key
 from starcoder_lsp.stopping import finish_reason
@@ -37,7 +50,7 @@ __all__ = ["Engine", "Handle", "Request", "Result"]
 
 @dataclass
 class _Row:
-    """A request being decoded, in the cache slot its lease pins."""
+    """A request in a cache slot that its lease pins: prefilling, then decoding."""
 
     handle: Handle
     lease: Lease
@@ -48,18 +61,26 @@ class _Row:
     decode_started: float = 0.0
     decode_steps: int = 0
 
+    @property
+    def owner(self) -> Hashable | None:
+        return self.handle.request.owner
+
+    def to_prefill(self) -> list[int]:
+        return self.handle.request.ids[len(self.written) :]
+
     def result(self, reason: str, text: str) -> Result:
         request = self.handle.request
+        decoding = self.decode_started > 0
         return Result(
             tokens=self.generated,
             text=text,
             finish_reason=reason,
             prompt_tokens=len(request.ids),
             reused_tokens=self.lease.reuse,
-            prefilled_tokens=len(request.ids) - self.lease.reuse,
+            prefilled_tokens=min(len(self.written), len(request.ids)) - self.lease.reuse,
             queued_seconds=self.queued_seconds,
             prefill_seconds=self.prefill_seconds,
-            decode_seconds=time.perf_counter() - self.decode_started,
+            decode_seconds=time.perf_counter() - self.decode_started if decoding else 0.0,
             decode_steps=self.decode_steps,
         )
 
@@ -68,7 +89,8 @@ class Engine:
     """The scheduler between the server's connections and the runner; see the module doc.
 
     decode: token ids → text (the tokenizer's), for stop rules and results; stop_ids: the
-    tokens that end a generation.
+    tokens that end a generation. max_queued, max_rows, prefill_chunk: the per-owner limits
+    and the prefill chunk of the module doc (0: none).
     """
 
     def __init__(
@@ -77,15 +99,23 @@ class Engine:
         decode: Callable[[Sequence[int]], str],
         stop_ids: Sequence[int],
         prefix_cache: bool = True,
+        *,
+        max_queued: int = 0,
+        max_rows: int = 0,
+        prefill_chunk: int = 0,
     ) -> None:
         self.runner = runner
         self._decode_text = decode
         self._stop_ids = frozenset(stop_ids)
         self.prefix_cache = PrefixCache(runner.slots, enabled=prefix_cache)
+        self.max_queued, self.max_rows, self.prefill_chunk = max_queued, max_rows, prefill_chunk
         self._cache: jax.Array | None = None
-        self._pending: deque[Handle] = deque()
-        self._active: list[_Row] = []
+        # Waiting requests, one queue per owner; the dict's order is the round robin's.
+        self._queues: dict[Hashable | None, deque[Handle]] = {}
+        self._prefilling: deque[_Row] = deque()
+        self._decoding: list[_Row] = []
         self._groups: dict[Hashable, Handle] = {}
+        self._owned: dict[Hashable, set[Handle]] = {}  # every unresolved handle of an owner
         self._cv = threading.Condition()
         self._closed = False
         self._key = jax.random.PRNGKey(0)
@@ -143,9 +173,26 @@ class Engine:
                 if older is not None:
                     older.cancel("superseded")
                 self._groups[request.group] = handle
-            self._pending.append(handle)
+            queue = self._queues.setdefault(request.owner, deque())
+            queue.append(handle)
+            if request.owner is not None:
+                self._owned.setdefault(request.owner, set()).add(handle)
+                if self.max_queued:
+                    waiting = [h for h in queue if h.cancel_reason is None]
+                    for oldest in waiting[: -self.max_queued]:
+                        oldest.cancel("superseded")
             self._cv.notify_all()
         return handle
+
+    def drop(self, owner: Hashable) -> int:
+        """Stop every request of `owner`, waiting or running (its connection closed); each is
+        resolved with finish_reason "disconnected". Returns how many were stopped."""
+        with self._cv:
+            handles = self._owned.get(owner, set())
+            for handle in handles:
+                handle.cancel("disconnected")
+            self._cv.notify_all()
+            return len(handles)
 
     def generate(self, request: Request, timeout: float | None = None) -> Result:
         return self.submit(request).result(timeout)
@@ -165,64 +212,119 @@ class Engine:
         self.ready.set()
         while True:
             with self._cv:
-                while not self._closed and not self._pending and not self._active:
+                while not self._closed and not self._has_work():
                     self._cv.wait()
                 if self._closed:
                     break
             try:
+                self._drop_cancelled()
                 self._admit()
-                if self._active:
-                    self._step()
-            except Exception as e:
-                log.exception("engine step failed")
-                self._fail_active(e)
+                self._prefill_next()
+                self._step()
+            except Exception as e:  # a fault of the loop itself: no request is left waiting
+                log.exception("engine loop failed")
+                self._fail_running(e)
         self._fail_all(RuntimeError("the engine was closed"))
 
+    def _has_work(self) -> bool:
+        return any(self._queues.values()) or bool(self._prefilling or self._decoding)
+
+    def _drop_cancelled(self) -> None:
+        """Resolve the waiting requests that were cancelled or superseded: their editors
+        are waiting for the (empty) answer."""
+        with self._cv:
+            stopped = [h for q in self._queues.values() for h in q if h.cancel_reason]
+            for owner, queue in list(self._queues.items()):
+                kept = deque(h for h in queue if h.cancel_reason is None)
+                if kept:
+                    self._queues[owner] = kept
+                else:
+                    del self._queues[owner]
+        for handle in stopped:
+            self._resolve(handle, _never_started(handle, handle.cancel_reason or "cancelled"))
+
     def _admit(self) -> None:
+        """Give free slots to waiting requests, one owner after another."""
         while True:
             with self._cv:
-                if not self._pending:
+                handle = self._next_waiting()
+                if handle is None:
                     return
-                handle = self._pending[0]
-                if handle.cancel_reason is None:
-                    lease = self.prefix_cache.acquire(handle.request.ids)
-                    if lease is None:
-                        return  # every slot is busy: wait for a row to finish
-                self._pending.popleft()
-            if handle.cancel_reason is not None:
-                self._resolve(handle, _never_started(handle, handle.cancel_reason))
-                continue
-            self._prefill(handle, lease)
+                lease = self.prefix_cache.acquire(handle.request.ids)
+                if lease is None:
+                    return  # every slot is busy: wait for a row to finish
+                owner = handle.request.owner
+                queue = self._queues.pop(owner)
+                queue.remove(handle)
+                if queue:  # to the back of the round
+                    self._queues[owner] = queue
+            written = list(handle.request.ids[: lease.reuse])
+            queued = time.perf_counter() - handle.submitted
+            self._prefilling.append(_Row(handle, lease, written, queued_seconds=queued))
 
-    def _prefill(self, handle: Handle, lease: Lease) -> None:
-        request = handle.request
-        queued = time.perf_counter() - handle.submitted
+    def _next_waiting(self) -> Handle | None:
+        """The first waiting request, in round-robin order, of an owner under its row limit."""
+        rows: dict[Hashable | None, int] = {}
+        for row in (*self._prefilling, *self._decoding):
+            rows[row.owner] = rows.get(row.owner, 0) + 1
+        for owner, queue in self._queues.items():
+            if owner is not None and self.max_rows and rows.get(owner, 0) >= self.max_rows:
+                continue
+            for handle in queue:
+                if handle.cancel_reason is None:
+                    return handle
+        return None
+
+    def _prefill_next(self) -> None:
+        """Prefill one chunk of the first prefilling row; it goes to the back of the line if
+        its prompt is not done, and starts decoding if it is."""
+        self._prefilling = deque(r for r in self._prefilling if not self._finish_if_cancelled(r))
+        if not self._prefilling:
+            return
+        row = self._prefilling.popleft()
+        request = row.handle.request
+        rest = row.to_prefill()
+        piece = rest[: self.prefill_chunk] if self.prefill_chunk else rest
         start = time.perf_counter()
-        rest = request.ids[lease.reuse :]
         try:
-            logits, self._cache, _ = self.runner.prefill(self._cache, lease.slot, rest, lease.reuse)
-            first = self.runner.sample(logits, _sampling([request]), self._next_key())
-        except Exception:
-            self.prefix_cache.discard(lease)
-            raise
-        row = _Row(handle, lease, list(request.ids), [int(first[0])], queued_seconds=queued)
-        row.prefill_seconds = time.perf_counter() - start
+            logits, self._cache, _ = self.runner.prefill(
+                self._cache, row.lease.slot, piece, len(row.written)
+            )
+            first = None
+            if len(piece) == len(rest):
+                first = int(self.runner.sample(logits, _sampling([request]), self._next_key())[0])
+        except Exception as e:
+            log.exception("prefill failed; the request gets the error")
+            self.prefix_cache.discard(row.lease)
+            self._fail(row.handle, e)
+            return
+        row.written.extend(piece)
+        row.prefill_seconds += time.perf_counter() - start
+        if first is None:
+            self._prefilling.append(row)
+            return
+        row.generated.append(first)
         row.decode_started = time.perf_counter()
         if not self._finish_if_done(row):
-            self._active.append(row)
+            self._decoding.append(row)
 
     def _step(self) -> None:
-        rows = [r for r in self._active if not self._finish_if_cancelled(r)]
-        self._active = rows
+        rows = [r for r in self._decoding if not self._finish_if_cancelled(r)]
+        self._decoding = rows
         if not rows:
             return
         slots = [r.lease.slot for r in rows]
         tokens = [r.generated[-1] for r in rows]
         positions = [len(r.written) for r in rows]
-        logits, self._cache = self.runner.decode(self._cache, slots, tokens, positions)
-        sampling = _sampling([r.handle.request for r in rows])
-        padded = self.runner.pad_sampling(sampling, len(rows))
-        next_tokens = self.runner.sample(logits, padded, self._next_key())
+        try:
+            logits, self._cache = self.runner.decode(self._cache, slots, tokens, positions)
+            sampling = _sampling([r.handle.request for r in rows])
+            padded = self.runner.pad_sampling(sampling, len(rows))
+            next_tokens = self.runner.sample(logits, padded, self._next_key())
+        except Exception as e:
+            log.exception("decode step failed; its %d requests get the error", len(rows))
+            self._fail_running(e)
+            return
         still = []
         for row, token in zip(rows, next_tokens, strict=False):
             row.written.append(row.generated[-1])
@@ -230,7 +332,7 @@ class Engine:
             row.decode_steps += 1
             if not self._finish_if_done(row):
                 still.append(row)
-        self._active = still
+        self._decoding = still
 
     # -- finishing -------------------------------------------------------------------------------
 
@@ -245,7 +347,13 @@ class Engine:
         by_text = None
         if request.stop is not None:
             by_text = lambda: request.stop(self._text(row.generated))
-        reason = finish_reason(row.generated, request.max_new_tokens, self._stop_ids, by_text)
+        try:
+            reason = finish_reason(row.generated, request.max_new_tokens, self._stop_ids, by_text)
+        except Exception as e:  # the request's stop rule, or the tokenizer, failed
+            log.exception("a stop rule failed; the request gets the error")
+            self.prefix_cache.release(row.lease, row.written)
+            self._fail(row.handle, e)
+            return True
         reason = reason or row.handle.cancel_reason
         if reason is None:
             return False
@@ -254,29 +362,53 @@ class Engine:
 
     def _finish(self, row: _Row, reason: str) -> None:
         self.prefix_cache.release(row.lease, row.written)
-        self._resolve(row.handle, row.result(reason, self._text(row.generated)))
+        try:
+            result = row.result(reason, self._text(row.generated))
+        except Exception as e:
+            log.exception("decoding a result failed; the request gets the error")
+            self._fail(row.handle, e)
+            return
+        self._resolve(row.handle, result)
+
+    def _forget(self, handle: Handle) -> None:
+        request = handle.request
+        with self._cv:
+            if request.group is not None and self._groups.get(request.group) is handle:
+                del self._groups[request.group]
+            owned = self._owned.get(request.owner)
+            if owned is not None:
+                owned.discard(handle)
+                if not owned:
+                    del self._owned[request.owner]
 
     def _resolve(self, handle: Handle, result: Result) -> None:
-        with self._cv:
-            if self._groups.get(handle.request.group) is handle:
-                del self._groups[handle.request.group]
+        self._forget(handle)
         if not handle.future.done():
             handle.future.set_result(result)
 
-    def _fail_active(self, error: Exception) -> None:
-        for row in self._active:
-            self.prefix_cache.discard(row.lease)
-            if not row.handle.future.done():
-                row.handle.future.set_exception(error)
-        self._active = []
+    def _fail(self, handle: Handle, error: BaseException) -> None:
+        """Resolve with the error; the caller has logged it."""
+        self._forget(handle)
+        if not handle.future.done():
+            failure = RequestError(f"the request failed: {error}")
+            failure.__cause__ = error
+            handle.future.set_exception(failure)
 
-    def _fail_all(self, error: Exception) -> None:
-        self._fail_active(error)
+    def _fail_running(self, error: BaseException) -> None:
+        """Every admitted request gets `error`; their slots' contents are unknown."""
+        rows, self._decoding = [*self._prefilling, *self._decoding], []
+        self._prefilling = deque()
+        for row in rows:
+            self.prefix_cache.discard(row.lease)
+            self._fail(row.handle, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_running(error)
         with self._cv:
-            pending, self._pending = list(self._pending), deque()
-        for handle in pending:
-            if not handle.future.done():
-                handle.future.set_exception(error)
+            waiting = [h for queue in self._queues.values() for h in queue]
+            self._queues = {}
+        for handle in waiting:
+            self._fail(handle, error)
 
     # -- helpers ----------------------------------------------------------------------------------
 

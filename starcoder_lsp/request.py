@@ -20,13 +20,16 @@ class Request:
     stop: Callable[[str], bool] | None = None
     # A newer request with the same group supersedes this one (one per document).
     group: Hashable | None = None
+    # Who asked (a connection): the engine's per-owner limits and round robin, and what
+    # `Engine.drop` stops when the owner leaves. None: no limits (the CLI, the library).
+    owner: Hashable | None = None
 
 
 @dataclass
 class Result:
     tokens: list[int]
     text: str
-    finish_reason: str  # stop | length | cancelled | superseded
+    finish_reason: str  # stop | length | cancelled | superseded | disconnected
     prompt_tokens: int
     reused_tokens: int
     prefilled_tokens: int
@@ -38,6 +41,11 @@ class Result:
     @property
     def seconds(self) -> float:
         return self.queued_seconds + self.prefill_seconds + self.decode_seconds
+
+
+class RequestError(RuntimeError):
+    """Why a request could not be served. The engine logged it, with its traceback, when it
+    happened: whoever passes it on to a client needs only its message."""
 
 
 class Handle:

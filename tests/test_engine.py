@@ -5,6 +5,7 @@ decode steps the test releases one by one; the rest run the test checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from scripted_runner import ScriptedRunner
 from starcoder_lsp import checkpoint
 from starcoder_lsp.engine import Engine, Request
 from starcoder_lsp.generator import Generator
+from starcoder_lsp.request import RequestError
 from starcoder_lsp.runner import Runner
 
 
@@ -38,8 +40,14 @@ def model_engine(ckpt, prefix_cache: bool = True, slots: int = 3) -> Engine:
     return Engine(runner, ckpt.tokenizer.decode, stop_ids=[], prefix_cache=prefix_cache)
 
 
-def scripted_engine(runner: ScriptedRunner, stop_ids: tuple[int, ...] = ()) -> Engine:
-    return Engine(runner, lambda ids: " ".join(map(str, ids)), stop_ids)
+def scripted_engine(
+    runner: ScriptedRunner, stop_ids: tuple[int, ...] = (), **limits: int
+) -> Engine:
+    return Engine(runner, lambda ids: " ".join(map(str, ids)), stop_ids, **limits)
+
+
+def prefilled(runner: ScriptedRunner) -> list[list[int]]:
+    return [call.tokens for call in runner.calls if call.kind == "prefill"]
 
 
 def _prompt(n: int, seed: int = 0) -> list[int]:
@@ -130,6 +138,125 @@ def test_the_prefix_cache_reuses_exactly_what_a_slot_holds():
     # 5, 6, 7 and the generated 8, 9 were written (10 was sampled, never run).
     assert again.reused_tokens == 5 and again.prefilled_tokens == 1
     assert runner.calls[-2].kind == "prefill" and runner.calls[-2].start == [5]
+
+
+# --- many owners: round robin, limits, leaving ------------------------------------------------
+
+
+def test_slots_go_to_the_owners_in_turn_not_first_come_first_served():
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        busy = engine.submit(Request([1], max_new_tokens=2, owner="a"))
+        runner.wait_for_step()
+        handles = [
+            engine.submit(Request(ids, max_new_tokens=1, owner=owner))
+            for ids, owner in (([2], "a"), ([3], "a"), ([4], "a"), ([10], "b"), ([20], "c"))
+        ]
+        runner.run_freely()
+        assert all(h.result(10).finish_reason == "length" for h in [busy, *handles])
+    # First come first served would be 2, 3, 4, 10, 20: a flooding owner would go first.
+    assert prefilled(runner) == [[1], [2], [10], [20], [3], [4]]
+
+
+def test_an_owner_s_oldest_waiting_request_is_superseded_past_its_queue_limit():
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner, max_queued=2)) as engine:
+        busy = engine.submit(Request([1], max_new_tokens=2, owner="a"))
+        runner.wait_for_step()
+        waiting = [engine.submit(Request([n], max_new_tokens=1, owner="a")) for n in (2, 3, 4, 5)]
+        other = engine.submit(Request([9], max_new_tokens=1, owner="b"))  # b's own limit
+        runner.run_freely()
+        reasons = [h.result(10).finish_reason for h in [busy, *waiting, other]]
+    assert reasons == ["length", "superseded", "superseded", "length", "length", "length"]
+    assert [2] not in prefilled(runner) and [3] not in prefilled(runner)
+
+
+def test_an_owner_decodes_in_at_most_its_rows_while_others_take_the_rest():
+    runner = ScriptedRunner(slots=2)
+    runner.hold()
+    with running(scripted_engine(runner, max_rows=1)) as engine:
+        first = engine.submit(Request([1], max_new_tokens=3, owner="a"))
+        runner.wait_for_step()
+        second = engine.submit(Request([30], max_new_tokens=1, owner="a"))
+        other = engine.submit(Request([20], max_new_tokens=3, owner="b"))
+        runner.run_freely()
+        for handle in (first, second, other):
+            assert handle.result(10).finish_reason == "length"
+    decodes = [call.tokens for call in runner.calls if call.kind == "decode"]
+    # a's second request waits for a's first, though a slot is free; b's takes that slot.
+    assert decodes[:3] == [[2], [3, 21], [22]]
+    assert prefilled(runner) == [[1], [20], [30]]
+
+
+def test_dropping_an_owner_stops_its_requests_running_or_waiting():
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        running_one = engine.submit(Request([1], max_new_tokens=50, owner="gone"))
+        runner.wait_for_step()
+        waiting = engine.submit(Request([5], max_new_tokens=50, owner="gone"))
+        staying = engine.submit(Request([9], max_new_tokens=2, owner="here"))
+        assert engine.drop("gone") == 2
+        runner.run_freely()
+        assert running_one.result(10).finish_reason == "disconnected"
+        assert len(running_one.result().tokens) < 50
+        assert waiting.result(10).finish_reason == "disconnected"
+        assert staying.result(10).tokens == [10, 11]
+    assert [5] not in prefilled(runner)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_other_rows_steps():
+    runner = ScriptedRunner(slots=2)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        decoding = engine.submit(Request([1], max_new_tokens=6, owner="a"))
+        runner.wait_for_step()
+        long = engine.submit(Request(list(range(20, 30)), max_new_tokens=1, owner="b"))
+        runner.run_freely()
+        assert long.result(10).tokens == [30]
+        assert decoding.result(10).tokens == [2, 3, 4, 5, 6, 7]
+    kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
+    # a keeps decoding while b's 10 tokens go in as 4 + 4 + 2.
+    assert kinds[:8] == [
+        ("prefill", 1),
+        ("decode", 1),
+        ("prefill", 4),
+        ("decode", 1),
+        ("prefill", 4),
+        ("decode", 1),
+        ("prefill", 2),
+        ("decode", 1),
+    ]
+
+
+class FailingRunner(ScriptedRunner):
+    """Fails to prefill any prompt that holds the token 99."""
+
+    def prefill(self, cache, slot, tokens, start):
+        if 99 in tokens:
+            raise RuntimeError("the device is on fire")
+        return super().prefill(cache, slot, tokens, start)
+
+
+def test_a_request_that_fails_is_answered_with_the_error_logged_once(caplog):
+    def stop(text: str) -> bool:
+        raise ZeroDivisionError("a stop rule divided by zero")
+
+    with running(scripted_engine(FailingRunner())) as engine, caplog.at_level(logging.ERROR):
+        failing = [
+            engine.submit(Request([99], max_new_tokens=2)),
+            engine.submit(Request([7], max_new_tokens=2, stop=stop)),
+        ]
+        for handle, cause in zip(failing, ("on fire", "divided by zero"), strict=True):
+            with pytest.raises(RequestError, match=cause):
+                handle.result(10)
+        # The engine goes on serving, and the slots came back.
+        for _ in range(3):
+            assert engine.generate(Request([5], max_new_tokens=2), timeout=10).tokens == [6, 7]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, [r.getMessage() for r in errors]
 
 
 # --- on the test checkpoint ----------------------------------------------------------------
