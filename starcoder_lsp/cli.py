@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from starcoder_lsp import __version__
 from starcoder_lsp.config import PRESETS
 from starcoder_lsp.errors import StarcoderError
+from starcoder_lsp.limits import Limits, add_arguments
 
 # Exit status of a user error (bad arguments, unusable checkpoint), as argparse uses.
 EXIT_USAGE = 2
@@ -199,7 +200,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_compilation_cache(parser)
 
 
-def _model_options(args: argparse.Namespace, slots: int) -> ModelOptions:
+def _model_options(
+    args: argparse.Namespace, slots: int, server_limits: Limits | None = None
+) -> ModelOptions:
     from starcoder_lsp.factory import ModelOptions
 
     return ModelOptions(
@@ -209,6 +212,7 @@ def _model_options(args: argparse.Namespace, slots: int) -> ModelOptions:
         slots=slots,
         prefix_cache=not getattr(args, "no_prefix_cache", False),
         compilation_cache=_compilation_cache(args),
+        limits=server_limits,
     )
 
 
@@ -222,11 +226,11 @@ def _compilation_cache(args: argparse.Namespace) -> str | None:
 
 
 def _build_completer(
-    args: argparse.Namespace, slots: int, warmup: bool, progress: Progress | None = None
+    options: ModelOptions, warmup: bool, progress: Progress | None = None
 ) -> Completer:
     from starcoder_lsp.factory import build_completer
 
-    completer = build_completer(_model_options(args, slots), warmup=warmup, progress=progress)
+    completer = build_completer(options, warmup=warmup, progress=progress)
     print(completer.engine.describe(), file=sys.stderr)
     return completer
 
@@ -273,7 +277,7 @@ def _run_complete(args: argparse.Namespace) -> int:
     settings = Settings(
         max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode, multiline=args.multiline
     )
-    completer = _build_completer(args, slots=1, warmup=False)
+    completer = _build_completer(_model_options(args, slots=1), warmup=False)
     try:
         suggestion = completer.complete(str(args.file), text, cursor, settings, args.file.name)
     finally:
@@ -313,7 +317,7 @@ def _add_serve(subparsers: Subparsers) -> None:
         "background; meanwhile editors get empty answers and $/progress. Logs go to stderr.",
         epilog="remote use: on the accelerator host run `starcoder-lsp serve --tcp`, then "
         "`ssh -L 2087:localhost:2087 HOST` on the laptop; or bind a public address with "
-        "--host 0.0.0.0 --token SECRET --tls-cert CERT --tls-key KEY.",
+        "--host 0.0.0.0 --token-file FILE --tls-cert CERT --tls-key KEY.",
     )
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument(
@@ -327,11 +331,13 @@ def _add_serve(subparsers: Subparsers) -> None:
         "--port", type=int, default=2087, help="TCP port (default: 2087; 0 picks a free one)"
     )
     parser.add_argument(
-        "--token",
-        default=os.environ.get("STARCODER_LSP_TOKEN"),
-        help="secret clients must send as initializationOptions.token; "
-        "required off loopback (default: $STARCODER_LSP_TOKEN)",
+        "--token-file",
+        type=Path,
+        help="a file holding the secret clients must send as initializationOptions.token; "
+        "required off loopback unless $STARCODER_LSP_TOKEN holds it",
     )
+    # A token on the command line shows in every user's process list: refused, with why.
+    parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument(
@@ -341,7 +347,27 @@ def _add_serve(subparsers: Subparsers) -> None:
         help="stderr log level (default: INFO)",
     )
     _add_model_options(parser)
+    add_arguments(parser)
     parser.set_defaults(handler=_run_serve)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The server's token: from --token-file, else $STARCODER_LSP_TOKEN; never from the
+    command line, where every user of the host can read it."""
+    if args.token is not None:
+        raise StarcoderError(
+            "--token would show the secret in the process list: put it in "
+            "$STARCODER_LSP_TOKEN or in a file given with --token-file"
+        )
+    if args.token_file is None:
+        return os.environ.get("STARCODER_LSP_TOKEN") or None
+    try:
+        token = args.token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StarcoderError(f"cannot read the token from {args.token_file}: {e}") from None
+    if not token:
+        raise StarcoderError(f"{args.token_file} is empty: it should hold the token")
+    return token
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -361,22 +387,25 @@ def _run_serve(args: argparse.Namespace) -> int:
         settings = Settings(max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode)
     except ValueError as e:
         raise StarcoderError(str(e)) from None
+    token = _token(args)
+    server_limits = Limits.from_args(args)
     if args.tcp:
         # Refuse a bad address, token or certificate before loading the model.
         tls = transport.tls_context(args.tls_cert, args.tls_key)
-        transport.check_exposure(args.host, args.token)
-    elif args.tls_cert or args.tls_key or args.token:
-        raise StarcoderError("--token and --tls-cert/--tls-key apply to --tcp only")
+        transport.check_exposure(args.host, token)
+    elif args.tls_cert or args.tls_key or args.token_file:
+        raise StarcoderError("--token-file and --tls-cert/--tls-key apply to --tcp only")
 
     def load(progress: Progress) -> Completer:
-        return _build_completer(args, slots=args.cache_slots, warmup=True, progress=progress)
+        options = _model_options(args, args.cache_slots, server_limits)
+        return _build_completer(options, warmup=True, progress=progress)
 
     backend = Backend(load, args.model, settings).start()
     try:
         if args.tcp:
-            transport.serve_tcp(backend, args.host, args.port, args.token, tls)
+            transport.serve_tcp(backend, args.host, args.port, token, tls, limits=server_limits)
         else:
-            transport.serve_stdio(backend)
+            transport.serve_stdio(backend, server_limits)
     finally:
         backend.close()
     return 0

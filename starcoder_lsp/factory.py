@@ -15,6 +15,7 @@ from starcoder_lsp.checkpoint import Checkpoint
 from starcoder_lsp.compilation import enable_compilation_cache
 from starcoder_lsp.completer import Completer
 from starcoder_lsp.engine import Engine
+from starcoder_lsp.limits import Limits
 from starcoder_lsp.progress import Progress
 from starcoder_lsp.runner import Runner
 
@@ -31,6 +32,7 @@ class ModelOptions:
     slots: int = DEFAULT_SLOTS  # key/value cache rows: requests decoding at once
     prefix_cache: bool = True
     compilation_cache: str | Path | None = None  # where compiled programs persist; None: off
+    limits: Limits | None = None  # the server's per-connection limits; None: none (one user)
 
 
 def load_checkpoint(options: ModelOptions, progress: Progress | None = None) -> Checkpoint:
@@ -48,11 +50,26 @@ def build_engine(
     runner: Runner | None = None,
     *,
     prefix_cache: bool = True,
+    limits: Limits | None = None,
     **runner_options: object,
 ) -> Engine:
-    """An engine (not started) over `runner`, or over a new runner made with the options."""
+    """An engine (not started) over `runner`, or over a new runner made with the options;
+    with the server's `limits` on what each connection may take of it."""
     runner = runner if runner is not None else Runner.from_checkpoint(ckpt, **runner_options)
-    return Engine(runner, ckpt.tokenizer.decode, ckpt.tokens.stop_ids, prefix_cache=prefix_cache)
+    scheduling = {}
+    if limits is not None:
+        scheduling = {
+            "max_queued": limits.max_queued_per_connection,
+            "max_rows": limits.max_rows_per_connection,
+            "prefill_chunk": limits.prefill_chunk,
+        }
+    return Engine(
+        runner,
+        ckpt.tokenizer.decode,
+        ckpt.tokens.stop_ids,
+        prefix_cache=prefix_cache,
+        **scheduling,
+    )
 
 
 def completer_for(ckpt: Checkpoint, engine: Engine) -> Completer:
@@ -70,7 +87,11 @@ def build_completer(
     else each shape when first needed (a one-shot command)."""
     ckpt = load_checkpoint(options, progress)
     engine = build_engine(
-        ckpt, prefix_cache=options.prefix_cache, slots=options.slots, **runner_options
+        ckpt,
+        prefix_cache=options.prefix_cache,
+        limits=options.limits,
+        slots=options.slots,
+        **runner_options,
     )
     engine.start(progress, warmup=warmup)
     return completer_for(ckpt, engine)

@@ -303,10 +303,11 @@ def test_a_remote_server_with_a_token(
         options = {"host": "localhost", "token": token, "tls": True, "tls_ca": str(cert)}
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [*SERVER, "--tcp", "--port", "0", "--token", token, "--model", str(tiny_mqa_dir), *extra],
+        [*SERVER, "--tcp", "--port", "0", "--model", str(tiny_mqa_dir), *extra],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
+        env={**os.environ, "STARCODER_LSP_TOKEN": token},
     )
     try:
         listening = server.stdout.readline()
