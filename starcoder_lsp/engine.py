@@ -16,8 +16,9 @@ Many editors share it, so no one of them may hold it up (each limit is off at 0)
   round robin, not first come first served;
 - an owner has at most `max_queued` requests waiting; a newer one supersedes its oldest;
 - an owner decodes in at most `max_rows` slots at once;
-- a long prompt is prefilled `prefill_chunk` tokens per turn, so that other rows go on
-  decoding between its chunks instead of waiting for the whole prompt;
+- a long prompt is prefilled `prefill_chunk` tokens per turn while other requests are
+  decoding or prefilling, so that they go on between its chunks instead of waiting for the
+  whole prompt (alone, it is prefilled whole);
 - `drop(owner)` stops everything of an owner that left, queued or running.
 
 Every request is resolved: whatever fails while serving it (the model step, a stop rule, the
@@ -284,7 +285,9 @@ class Engine:
         row = self._prefilling.popleft()
         request = row.handle.request
         rest = row.to_prefill()
-        piece = rest[: self.prefill_chunk] if self.prefill_chunk else rest
+        # In chunks only while other requests wait on it: alone, it goes in whole (fastest).
+        others = self._decoding or self._prefilling
+        piece = rest[: self.prefill_chunk] if self.prefill_chunk and others else rest
         start = time.perf_counter()
         try:
             logits, self._cache, _ = self.runner.prefill(

@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 # A header line longer than this is no LSP header.
 MAX_HEADER_LINE = 1024
-# Unsent replies a connection may have before the server stops reading from it.
-WRITE_HIGH_WATER = 4 * 2**20
 
 
 class Reader(Protocol):
@@ -135,8 +133,10 @@ async def serve_connection(
             raise
         except Exception:  # a fault of ours: logged, and the connection goes on
             log.exception("connection %d: handling a message failed", server.connection)
-        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-            # The client does not read its replies: read nothing more from it until it does.
+        if writer is not None:
+            # Returns at once unless the client leaves its replies unread (the transport is
+            # past its high-water mark, TLS included): then nothing more is read from it
+            # until it reads, so its replies cannot pile up in the server's memory.
             await asyncio.wait_for(writer.drain(), limits.idle_timeout or None)
         await asyncio.sleep(0)  # the other connections' turn
 

@@ -231,6 +231,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_other_rows_steps():
     ]
 
 
+def test_a_long_prompt_alone_is_prefilled_whole():
+    runner = ScriptedRunner(slots=2)
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        assert engine.generate(Request(list(range(20, 30)), max_new_tokens=1), 10).tokens == [30]
+    assert prefilled(runner) == [list(range(20, 30))]
+
+
 class FailingRunner(ScriptedRunner):
     """Fails to prefill any prompt that holds the token 99."""
 

@@ -6,9 +6,12 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+
+from starcoder_lsp.limits import Limits, flag
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
@@ -70,3 +73,9 @@ def test_the_language_side_imports_no_jax():
         [sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=120
     )
     assert ran.stdout.strip() == "[]"
+
+
+def test_the_readme_documents_every_limit():
+    readme = (REPO / "README.md").read_text()
+    for field in fields(Limits):
+        assert f"`{flag(field.name)}`" in readme, field.name

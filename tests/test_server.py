@@ -600,7 +600,7 @@ async def test_an_invalid_position_is_logged_in_one_line(tcp_server: Server) -> 
     assert answer["error"]["code"] == types.ErrorCodes.InvalidParams
     await client.close()
     log = tcp_server.log_text()
-    assert "position 7:0 is past the end of the document" in log
+    assert "7:0 is past the end" in log
     assert "Traceback" not in log
 
 
