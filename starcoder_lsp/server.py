@@ -444,7 +444,8 @@ def code_action(ls: StarcoderServer, params: types.CodeActionParams) -> list[typ
     if not _is_python(document):
         return []
     position = params.range.start
-    if docstring.find_target(_lf_text(document), position.line) is None:
+    first, text = _lines_around(document, position.line)
+    if docstring.find_target(text, position.line - first) is None:
         return []
     arguments = [document.uri, {"line": position.line, "character": position.character}]
     command = types.Command(
@@ -547,10 +548,20 @@ def _is_python(document: Document) -> bool:
     return document.language_id == "python" or document.uri.endswith((".py", ".pyi"))
 
 
-def _lf_text(document: Document) -> str:
-    """The text with LSP's line ends as "\n": docstring.py counts lines by "\n" alone."""
-    text = document.text
-    return positions.LINE_END.sub("\n", text) if "\r" in text else text
+# Lines around the cursor that docstring.py sees: editors ask for code actions at every cursor
+# move, and the definition a docstring is for is rarely further away.
+DOCSTRING_LINES = 2000
+
+
+def _lines_around(document: Document, line: int) -> tuple[int, str]:
+    """(the first line's number, the text of up to DOCSTRING_LINES lines either side of
+    `line`), with LSP's line ends as "\n": docstring.py counts lines by "\n" alone."""
+    starts = document.starts
+    first = max(0, line - DOCSTRING_LINES)
+    last = min(len(starts), line + DOCSTRING_LINES)
+    end = int(starts[last]) if last < len(starts) else len(document.text)
+    text = document.text[int(starts[first]) : end]
+    return first, positions.LINE_END.sub("\n", text) if "\r" in text else text
 
 
 async def _suggest(
@@ -625,8 +636,8 @@ async def _generate_docstring(ls: StarcoderServer, *args: Any) -> dict[str, Any]
     backend = ls.backend
     if backend.completer is None:
         raise JsonRpcInvalidRequest(f"the model is not ready ({backend.progress[2]})")
-    text = _lf_text(document)
-    target = docstring.find_target(text, position.line)
+    first, text = _lines_around(document, position.line)
+    target = docstring.find_target(text, position.line - first)
     if target is None:
         raise JsonRpcInvalidParams(
             f"no function or class without a docstring at line {position.line + 1}"
@@ -649,8 +660,9 @@ async def _generate_docstring(ls: StarcoderServer, *args: Any) -> dict[str, Any]
             "docstring": suggestion.text,
             "reason": "the document changed while the docstring was written",
         }
-    if target.body_line < document.line_count():
-        at, new_text = types.Position(line=target.body_line, character=0), suggestion.text
+    body_line = first + target.body_line
+    if body_line < document.line_count():
+        at, new_text = types.Position(line=body_line, character=0), suggestion.text
     else:  # the header is the last line, with no newline after it
         at = document.position_at(len(document.text))
         new_text = "\n" + suggestion.text.rstrip("\n")
