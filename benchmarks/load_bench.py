@@ -307,6 +307,7 @@ async def fairness(port: int, args: argparse.Namespace) -> list[tuple[str, Run]]
     await client_session(port, 0, args, alone)
     alone.seconds = time.perf_counter() - started
     print(f"alone: {len(alone.latencies)} requests in {alone.seconds:.0f} s", file=sys.stderr)
+    print(f"  latencies (s): {[round(t, 2) for t in alone.latencies]}", file=sys.stderr)
 
     stop, opened = asyncio.Event(), asyncio.Event()
     counts: dict = {}
@@ -323,6 +324,7 @@ async def fairness(port: int, args: argparse.Namespace) -> list[tuple[str, Run]]
     beside.seconds = time.perf_counter() - started
     stop.set()
     await asyncio.gather(*others)
+    print(f"  latencies (s): {[round(t, 2) for t in beside.latencies]}", file=sys.stderr)
     print(
         f"beside: {len(beside.latencies)} requests in {beside.seconds:.0f} s; the flood sent "
         f"{counts.get('sent', 0)}, {counts.get('answered', 0)} answered",

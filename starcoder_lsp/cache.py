@@ -57,6 +57,9 @@ class PrefixCache:
         self._clock = 0
         self.stats = CacheStats()
 
+    def has_free(self) -> bool:
+        return any(not s.busy for s in self._slots)
+
     def acquire(self, tokens: Sequence[int]) -> Lease | None:
         """Pin the best free slot for `tokens`; None when every slot is busy."""
         free = [i for i, s in enumerate(self._slots) if not s.busy]

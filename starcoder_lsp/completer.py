@@ -55,7 +55,7 @@ class Suggestion:
     replace_suffix_chars: int = 0
     typed_through: bool = False  # answered from the previous suggestion, without the model
     result: Result | None = None
-    prompt: FimPrompt | None = None
+    prompt: FimPrompt | None = None  # None when the request never left the queue
     seconds: float = 0.0
 
 
@@ -143,20 +143,21 @@ class Completer:
             options.prefix_tokens * CHARS_PER_TOKEN,
             options.suffix_tokens * CHARS_PER_TOKEN,
         )
-        prompt = build_prompt(text[start:end], cursor - start, self.tokenizer, self.tokens, options)
+        prompt = _LazyPrompt(self, text[start:end], cursor - start, options)
         multiline = _multiline(settings, before, after)
         ask = _Ask(document, before, after, settings, multiline, started)
         request = Request(
-            prompt.ids,
+            [],
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
             stop=_stop_rule(before, after, multiline),
             group=document,
             owner=owner,
+            prompt=prompt.ids,
         )
         pending.handle = self.engine.submit(request)
-        _resolve_with(pending, lambda result: self._suggestion(ask, prompt, result))
+        _resolve_with(pending, lambda result: self._suggestion(ask, prompt.made, result))
         return pending
 
     def complete(
@@ -188,15 +189,16 @@ class Completer:
         except SettingsError:
             new_tokens, options = settings.max_new_tokens, self.options(settings)
         prefix, suffix = docstring.fim_split(text, target)
-        prompt = build_prompt(prefix + suffix, len(prefix), self.tokenizer, self.tokens, options)
+        prompt = _LazyPrompt(self, prefix + suffix, len(prefix), options)
         request = Request(
-            prompt.ids,
+            [],
             max_new_tokens=new_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
             stop=docstring.stop_at_quotes,
             group=(document, "docstring"),
             owner=owner,
+            prompt=prompt.ids,
         )
         pending = Pending(handle=self.engine.submit(request))
 
@@ -204,7 +206,7 @@ class Completer:
             stopped = result.finish_reason in STOPPED
             lines = "" if stopped else docstring.format_docstring(result.text, target.indent)
             seconds = time.perf_counter() - start
-            return Suggestion(lines, result=result, prompt=prompt, seconds=seconds)
+            return Suggestion(lines, result=result, prompt=prompt.made, seconds=seconds)
 
         _resolve_with(pending, suggestion)
         return pending
@@ -221,7 +223,7 @@ class Completer:
 
     # -- pieces --------------------------------------------------------------------------
 
-    def _suggestion(self, ask: _Ask, prompt: FimPrompt, result: Result) -> Suggestion:
+    def _suggestion(self, ask: _Ask, prompt: FimPrompt | None, result: Result) -> Suggestion:
         seconds = ask.seconds()
         if result.finish_reason in STOPPED:
             return Suggestion("", result=result, prompt=prompt, seconds=seconds)
@@ -256,6 +258,21 @@ class Completer:
         return replace(
             shown.suggestion, text=rest, replace_suffix_chars=covered, typed_through=True
         )
+
+
+class _LazyPrompt:
+    """A prompt made when the engine admits its request (`ids`), in the engine's thread: a
+    request superseded while it waits never costs one. `made` is the FimPrompt once made."""
+
+    def __init__(self, completer: Completer, text: str, cursor: int, options: PromptOptions):
+        self._completer, self._text, self._cursor, self._options = completer, text, cursor, options
+        self.made: FimPrompt | None = None
+
+    def ids(self) -> list[int]:
+        c = self._completer
+        self.made = build_prompt(self._text, self._cursor, c.tokenizer, c.tokens, self._options)
+        self._text = ""  # the stretch of text is no longer needed
+        return self.made.ids
 
 
 # Finish reasons of a generation stopped before it ended on its own: nothing to show.

@@ -16,9 +16,10 @@ Many editors share it, so no one of them may hold it up (each limit is off at 0)
   round robin, not first come first served;
 - an owner has at most `max_queued` requests waiting; a newer one supersedes its oldest;
 - an owner decodes in at most `max_rows` slots at once;
-- a long prompt is prefilled `prefill_chunk` tokens per turn while other requests are
-  decoding or prefilling, so that they go on between its chunks instead of waiting for the
-  whole prompt (alone, it is prefilled whole);
+- a long prompt is prefilled `prefill_chunk` tokens at a time while other requests are
+  decoding or prefilling, taking turns with their decode steps for about half of the time,
+  so that they go on instead of waiting for the whole prompt (alone, it goes in whole);
+  a keystroke's prompt, which one chunk finishes, goes first;
 - `drop(owner)` stops everything of an owner that left, queued or running.
 
 Every request is resolved: whatever fails while serving it (the model step, a stop rule, the
@@ -69,6 +70,10 @@ class _Row:
     def to_prefill(self) -> list[int]:
         return self.handle.request.ids[len(self.written) :]
 
+    def prefill_tokens(self) -> int:
+        """How many tokens of its prompt the slot did not hold when it was admitted."""
+        return len(self.handle.request.ids) - self.lease.reuse
+
     def result(self, reason: str, text: str) -> Result:
         request = self.handle.request
         decoding = self.decode_started > 0
@@ -91,7 +96,8 @@ class Engine:
 
     decode: token ids → text (the tokenizer's), for stop rules and results; stop_ids: the
     tokens that end a generation. max_queued, max_rows, prefill_chunk: the per-owner limits
-    and the prefill chunk of the module doc (0: none).
+    and the prefill chunk of the module doc (0: none). clock: what prefill and decode time
+    is measured with, to share the time between them (tests pass one of their own).
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class Engine:
         max_queued: int = 0,
         max_rows: int = 0,
         prefill_chunk: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.runner = runner
         self._decode_text = decode
@@ -115,6 +122,9 @@ class Engine:
         self._queues: dict[Hashable | None, deque[Handle]] = {}
         self._prefilling: deque[_Row] = deque()
         self._decoding: list[_Row] = []
+        # Seconds of prefill, while rows were decoding, not yet matched by decode steps.
+        self._prefill_debt = 0.0
+        self._clock = clock
         self._groups: dict[Hashable, Handle] = {}
         self._owned: dict[Hashable, set[Handle]] = {}  # every unresolved handle of an owner
         self._cv = threading.Condition()
@@ -164,7 +174,10 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------
 
     def submit(self, request: Request) -> Handle:
-        self.runner.check_fits(len(request.ids), request.max_new_tokens)
+        """Queue `request`. A prompt given as ids is checked against the context now (a
+        ValueError says why it does not fit); one made lazily, when it is admitted."""
+        if request.prompt is None:
+            self.runner.check_fits(len(request.ids), request.max_new_tokens)
         handle = Handle(request)
         with self._cv:
             if self._closed:
@@ -246,22 +259,50 @@ class Engine:
 
     def _admit(self) -> None:
         """Give free slots to waiting requests, one owner after another."""
-        while True:
+        while self.prefix_cache.has_free():
             with self._cv:
                 handle = self._next_waiting()
-                if handle is None:
-                    return
+            if handle is None:
+                return
+            if not self._make_prompt(handle):
+                continue
+            with self._cv:
+                if handle.cancel_reason is not None:
+                    continue  # superseded while its prompt was made: resolved next turn
                 lease = self.prefix_cache.acquire(handle.request.ids)
                 if lease is None:
                     return  # every slot is busy: wait for a row to finish
-                owner = handle.request.owner
-                queue = self._queues.pop(owner)
-                queue.remove(handle)
-                if queue:  # to the back of the round
-                    self._queues[owner] = queue
+                self._dequeue(handle)
             written = list(handle.request.ids[: lease.reuse])
             queued = time.perf_counter() - handle.submitted
             self._prefilling.append(_Row(handle, lease, written, queued_seconds=queued))
+
+    def _make_prompt(self, handle: Handle) -> bool:
+        """Make a lazy request's ids and check that they fit; False (the request resolved
+        with the error) when that fails."""
+        request = handle.request
+        if request.prompt is None:
+            return True
+        try:
+            request.ids = list(request.prompt())
+            request.prompt = None
+            self.runner.check_fits(len(request.ids), request.max_new_tokens)
+        except Exception as e:
+            log.exception("making a prompt failed; the request gets the error")
+            with self._cv:
+                self._dequeue(handle)
+            self._fail(handle, e)
+            return False
+        return True
+
+    def _dequeue(self, handle: Handle) -> None:
+        """Take `handle` out of its owner's queue; the owner goes to the back of the round.
+        (Under the lock.)"""
+        owner = handle.request.owner
+        queue = self._queues.pop(owner)
+        queue.remove(handle)
+        if queue:
+            self._queues[owner] = queue
 
     def _next_waiting(self) -> Handle | None:
         """The first waiting request, in round-robin order, of an owner under its row limit."""
@@ -277,18 +318,30 @@ class Engine:
         return None
 
     def _prefill_next(self) -> None:
-        """Prefill one chunk of the first prefilling row; it goes to the back of the line if
-        its prompt is not done, and starts decoding if it is."""
+        """Prefill one chunk of a prefilling row: one that a chunk finishes (a keystroke's few
+        tokens) if any, else the first in line, which goes to the back if not done.
+
+        While other rows decode, prefill takes at most about half of the time: a chunk runs
+        only once the decode steps since the last one took as long as it did (a keystroke's
+        chunk runs at once). Otherwise a prompt of thousands of tokens, in chunks between
+        every step, would make each step of the others several times slower.
+        """
         self._prefilling = deque(r for r in self._prefilling if not self._finish_if_cancelled(r))
         if not self._prefilling:
+            self._prefill_debt = 0.0
             return
-        row = self._prefilling.popleft()
+        chunk = self.prefill_chunk
+        short = [r for r in self._prefilling if chunk and r.prefill_tokens() <= chunk]
+        row = short[0] if short else self._prefilling[0]
+        if self._decoding and not short and self._prefill_debt > 0:
+            return  # the decoding rows' turn
+        self._prefilling.remove(row)
         request = row.handle.request
         rest = row.to_prefill()
         # In chunks only while other requests wait on it: alone, it goes in whole (fastest).
         others = self._decoding or self._prefilling
-        piece = rest[: self.prefill_chunk] if self.prefill_chunk and others else rest
-        start = time.perf_counter()
+        piece = rest[:chunk] if chunk and others else rest
+        start, clocked = time.perf_counter(), self._clock()
         try:
             logits, self._cache, _ = self.runner.prefill(
                 self._cache, row.lease.slot, piece, len(row.written)
@@ -303,6 +356,8 @@ class Engine:
             return
         row.written.extend(piece)
         row.prefill_seconds += time.perf_counter() - start
+        if self._decoding:
+            self._prefill_debt += self._clock() - clocked
         if first is None:
             self._prefilling.append(row)
             return
@@ -319,6 +374,7 @@ class Engine:
         slots = [r.lease.slot for r in rows]
         tokens = [r.generated[-1] for r in rows]
         positions = [len(r.written) for r in rows]
+        started = self._clock()
         try:
             logits, self._cache = self.runner.decode(self._cache, slots, tokens, positions)
             sampling = _sampling([r.handle.request for r in rows])
@@ -328,6 +384,7 @@ class Engine:
             log.exception("decode step failed; its %d requests get the error", len(rows))
             self._fail_running(e)
             return
+        self._prefill_debt = max(0.0, self._prefill_debt - (self._clock() - started))
         still = []
         for row, token in zip(rows, next_tokens, strict=False):
             row.written.append(row.generated[-1])

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 @dataclass
 class Request:
+    # The prompt's token ids; or, with `prompt`, made by it when the request leaves the
+    # queue (then `ids` is empty until then).
     ids: list[int]
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -23,6 +25,10 @@ class Request:
     # Who asked (a connection): the engine's per-owner limits and round robin, and what
     # `Engine.drop` stops when the owner leaves. None: no limits (the CLI, the library).
     owner: Hashable | None = None
+    # Makes `ids` when the engine admits the request. A prompt costs tens of milliseconds
+    # of tokenizing; made lazily, a request superseded in the queue costs none, so a client
+    # that floods the queue cannot keep the server busy making prompts nobody will use.
+    prompt: Callable[[], list[int]] | None = None
 
 
 @dataclass

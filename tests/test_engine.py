@@ -43,7 +43,8 @@ def model_engine(ckpt, prefix_cache: bool = True, slots: int = 3) -> Engine:
 def scripted_engine(
     runner: ScriptedRunner, stop_ids: tuple[int, ...] = (), **limits: int
 ) -> Engine:
-    return Engine(runner, lambda ids: " ".join(map(str, ids)), stop_ids, **limits)
+    decode = lambda ids: " ".join(map(str, ids))
+    return Engine(runner, decode, stop_ids, clock=runner.clock, **limits)
 
 
 def prefilled(runner: ScriptedRunner) -> list[list[int]]:
@@ -231,11 +232,63 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_other_rows_steps():
     ]
 
 
+def test_prefill_takes_turns_with_decoding_for_half_the_time():
+    """A chunk that costs two decode steps (by the runner's clock) is followed by two steps
+    of the decoding rows before the next chunk; a keystroke's prompt does not wait."""
+    runner = ScriptedRunner(slots=3, prefill_cost=2)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        decoding = engine.submit(Request([1], max_new_tokens=12, owner="a"))
+        runner.wait_for_step()
+        long = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="b"))
+        runner.run_freely()
+        assert long.result(10).tokens == [32]
+        assert decoding.result(10).finish_reason == "length"
+    kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
+    chunk, step = ("prefill", 4), ("decode", 1)
+    assert kinds[:9] == [("prefill", 1), step, chunk, step, step, chunk, step, step, chunk]
+
+
+def test_a_keystroke_s_prompt_goes_before_a_long_one():
+    runner = ScriptedRunner(slots=3, prefill_cost=2)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        decoding = engine.submit(Request([1], max_new_tokens=12, owner="a"))
+        runner.wait_for_step()
+        long = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="b"))
+        keystroke = engine.submit(Request([40, 41], max_new_tokens=1, owner="c"))
+        runner.run_freely()
+        for handle in (decoding, long, keystroke):
+            handle.result(10)
+    assert prefilled(runner)[:3] == [[1], [40, 41], [20, 21, 22, 23]]
+
+
 def test_a_long_prompt_alone_is_prefilled_whole():
     runner = ScriptedRunner(slots=2)
     with running(scripted_engine(runner, prefill_chunk=4)) as engine:
         assert engine.generate(Request(list(range(20, 30)), max_new_tokens=1), 10).tokens == [30]
     assert prefilled(runner) == [list(range(20, 30))]
+
+
+def test_a_prompt_is_made_only_for_a_request_that_leaves_the_queue():
+    made = []
+
+    def prompt(ids: list[int]):
+        return lambda: made.append(ids) or ids
+
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner, max_queued=1)) as engine:
+        busy = engine.submit(Request([], max_new_tokens=2, owner="a", prompt=prompt([1])))
+        runner.wait_for_step()
+        waiting = [
+            engine.submit(Request([], max_new_tokens=1, owner="a", prompt=prompt([n])))
+            for n in (2, 3, 4)
+        ]
+        runner.run_freely()
+        reasons = [h.result(10).finish_reason for h in [busy, *waiting]]
+    assert reasons == ["length", "superseded", "superseded", "length"]
+    assert made == [[1], [4]]
 
 
 class FailingRunner(ScriptedRunner):
@@ -252,18 +305,24 @@ def test_a_request_that_fails_is_answered_with_the_error_logged_once(caplog):
         raise ZeroDivisionError("a stop rule divided by zero")
 
     with running(scripted_engine(FailingRunner())) as engine, caplog.at_level(logging.ERROR):
+
+        def prompt() -> list[int]:
+            raise ValueError("the tokenizer choked")
+
         failing = [
             engine.submit(Request([99], max_new_tokens=2)),
             engine.submit(Request([7], max_new_tokens=2, stop=stop)),
+            engine.submit(Request([], max_new_tokens=2, prompt=prompt)),
         ]
-        for handle, cause in zip(failing, ("on fire", "divided by zero"), strict=True):
+        causes = ("on fire", "divided by zero", "choked")
+        for handle, cause in zip(failing, causes, strict=True):
             with pytest.raises(RequestError, match=cause):
                 handle.result(10)
         # The engine goes on serving, and the slots came back.
         for _ in range(3):
             assert engine.generate(Request([5], max_new_tokens=2), timeout=10).tokens == [6, 7]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 2, [r.getMessage() for r in errors]
+    assert len(errors) == 3, [r.getMessage() for r in errors]
 
 
 # --- on the test checkpoint ----------------------------------------------------------------
