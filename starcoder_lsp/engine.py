@@ -17,9 +17,9 @@ Many editors share it, so no one of them may hold it up (each limit is off at 0)
 - an owner has at most `max_queued` requests waiting; a newer one supersedes its oldest;
 - an owner decodes in at most `max_rows` slots at once;
 - a long prompt is prefilled `prefill_chunk` tokens at a time while other requests are
-  decoding or prefilling, taking turns with their decode steps for about half of the time,
-  so that they go on instead of waiting for the whole prompt (alone, it goes in whole);
-  a keystroke's prompt, which one chunk finishes, goes first;
+  decoding or prefilling, taking at most a third of the time while rows decode (owners
+  take turns for it), so that the others go on instead of waiting for the whole prompt
+  (alone, it goes in whole); a keystroke's prompt, which one chunk finishes, goes first;
 - `drop(owner)` stops everything of an owner that left, queued or running.
 
 Every request is resolved: whatever fails while serving it (the model step, a stop rule, the
@@ -45,6 +45,11 @@ from starcoder_lsp.sampling import Sampling, split_key
 from starcoder_lsp.stopping import finish_reason
 
 log = logging.getLogger(__name__)
+
+# While rows decode, each second of prefill waits for this many seconds of decode steps: the
+# prefill takes at most a third of the time, so the rows decoding beside a stream of long
+# prompts take at most 1.5 times as long per step.
+DECODE_PER_PREFILL = 2.0
 
 
 __all__ = ["Engine", "Handle", "Request", "Result"]
@@ -122,8 +127,10 @@ class Engine:
         self._queues: dict[Hashable | None, deque[Handle]] = {}
         self._prefilling: deque[_Row] = deque()
         self._decoding: list[_Row] = []
-        # Seconds of prefill, while rows were decoding, not yet matched by decode steps.
+        # Seconds of prefill, while rows were decoding, not yet made up for by decode steps;
+        # and chunks prefilled per owner since prefilling began (its round robin).
         self._prefill_debt = 0.0
+        self._prefill_turns: dict[Hashable | None, int] = {}
         self._clock = clock
         self._groups: dict[Hashable, Handle] = {}
         self._owned: dict[Hashable, set[Handle]] = {}  # every unresolved handle of an owner
@@ -319,22 +326,28 @@ class Engine:
 
     def _prefill_next(self) -> None:
         """Prefill one chunk of a prefilling row: one that a chunk finishes (a keystroke's few
-        tokens) if any, else the first in line, which goes to the back if not done.
+        tokens) if any, else one of the owner that had the fewest chunks so far (round robin
+        across connections, however many rows each has); an unfinished row waits its turn.
 
-        While other rows decode, prefill takes at most about half of the time: a chunk runs
-        only once the decode steps since the last one took as long as it did (a keystroke's
-        chunk runs at once). Otherwise a prompt of thousands of tokens, in chunks between
-        every step, would make each step of the others several times slower.
+        While other rows decode, a chunk runs only once the decode steps since the last one
+        took DECODE_PER_PREFILL times as long as it did (a keystroke's chunk runs at once).
+        Otherwise a prompt of thousands of tokens, in chunks between every step, would make
+        each step of the others several times slower.
         """
         self._prefilling = deque(r for r in self._prefilling if not self._finish_if_cancelled(r))
         if not self._prefilling:
             self._prefill_debt = 0.0
+            self._prefill_turns.clear()
             return
         chunk = self.prefill_chunk
         short = [r for r in self._prefilling if chunk and r.prefill_tokens() <= chunk]
-        row = short[0] if short else self._prefilling[0]
-        if self._decoding and not short and self._prefill_debt > 0:
+        if short:
+            row = short[0]
+        elif chunk and self._decoding and self._prefill_debt > 0:
             return  # the decoding rows' turn
+        else:
+            row = min(self._prefilling, key=lambda r: self._prefill_turns.get(r.owner, 0))
+            self._prefill_turns[row.owner] = self._prefill_turns.get(row.owner, 0) + 1
         self._prefilling.remove(row)
         request = row.handle.request
         rest = row.to_prefill()
@@ -384,7 +397,8 @@ class Engine:
             log.exception("decode step failed; its %d requests get the error", len(rows))
             self._fail_running(e)
             return
-        self._prefill_debt = max(0.0, self._prefill_debt - (self._clock() - started))
+        repaid = (self._clock() - started) / DECODE_PER_PREFILL
+        self._prefill_debt = max(0.0, self._prefill_debt - repaid)
         still = []
         for row, token in zip(rows, next_tokens, strict=False):
             row.written.append(row.generated[-1])

@@ -103,11 +103,11 @@ class Limits:
         "connections taking turns (default: 2)",
     )
     prefill_chunk: int = limit(
-        256,
+        64,
         count,
         "TOKENS",
-        "prompt tokens prefilled between two decode steps, so that a long prompt does not "
-        "stall the suggestions of others (default: 256)",
+        "prompt tokens prefilled at a time while other requests run, so that a long prompt "
+        "does not stall their suggestions (default: 64)",
     )
     apply_edit_timeout: float = limit(
         30.0,

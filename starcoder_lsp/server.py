@@ -108,13 +108,14 @@ class StarcoderProtocol(LanguageServerProtocol):
         guarded = self._server.token is not None and not self.initialized
         try:
             data = json.loads(body)
-        except ValueError as e:  # not JSON, or not UTF-8
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
             self._refuse_unread(guarded, JsonRpcParseError(f"the message is not JSON: {e}"))
             return
         problem = _not_a_message(data)
         if problem is not None:
             reply_to = data.get("id") if isinstance(data, dict) else None
-            reply_to = reply_to if isinstance(reply_to, int | str) else None
+            valid_id = isinstance(reply_to, int | str) and not isinstance(reply_to, bool)
+            reply_to = reply_to if valid_id else None
             self._refuse_unread(guarded, JsonRpcInvalidRequest(problem), reply_to)
             return
         if guarded and data.get("method") != types.INITIALIZE:

@@ -212,33 +212,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_other_rows_steps():
     runner = ScriptedRunner(slots=2)
     runner.hold()
     with running(scripted_engine(runner, prefill_chunk=4)) as engine:
-        decoding = engine.submit(Request([1], max_new_tokens=6, owner="a"))
+        decoding = engine.submit(Request([1], max_new_tokens=12, owner="a"))
         runner.wait_for_step()
         long = engine.submit(Request(list(range(20, 30)), max_new_tokens=1, owner="b"))
         runner.run_freely()
         assert long.result(10).tokens == [30]
-        assert decoding.result(10).tokens == [2, 3, 4, 5, 6, 7]
+        assert decoding.result(10).tokens == list(range(2, 14))
     kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
-    # a keeps decoding while b's 10 tokens go in as 4 + 4 + 2.
-    assert kinds[:8] == [
-        ("prefill", 1),
-        ("decode", 1),
-        ("prefill", 4),
-        ("decode", 1),
-        ("prefill", 4),
-        ("decode", 1),
-        ("prefill", 2),
-        ("decode", 1),
-    ]
+    # a keeps decoding while b's 10 tokens go in as 4 + 4 + 2, a chunk (costing as much as
+    # a step) after every two steps.
+    chunk, step, last = ("prefill", 4), ("decode", 1), ("prefill", 2)
+    assert kinds[:10] == [("prefill", 1), step, chunk, step, step, chunk, step, step, last, step]
 
 
-def test_prefill_takes_turns_with_decoding_for_half_the_time():
-    """A chunk that costs two decode steps (by the runner's clock) is followed by two steps
-    of the decoding rows before the next chunk; a keystroke's prompt does not wait."""
+def test_prefill_takes_a_third_of_the_time_while_rows_decode():
+    """A chunk that costs two decode steps (by the runner's clock) is followed by four steps
+    of the decoding rows before the next chunk."""
     runner = ScriptedRunner(slots=3, prefill_cost=2)
     runner.hold()
     with running(scripted_engine(runner, prefill_chunk=4)) as engine:
-        decoding = engine.submit(Request([1], max_new_tokens=12, owner="a"))
+        decoding = engine.submit(Request([1], max_new_tokens=20, owner="a"))
         runner.wait_for_step()
         long = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="b"))
         runner.run_freely()
@@ -246,7 +239,24 @@ def test_prefill_takes_turns_with_decoding_for_half_the_time():
         assert decoding.result(10).finish_reason == "length"
     kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
     chunk, step = ("prefill", 4), ("decode", 1)
-    assert kinds[:9] == [("prefill", 1), step, chunk, step, step, chunk, step, step, chunk]
+    assert kinds[:13] == [("prefill", 1), step, chunk, *[step] * 4, chunk, *[step] * 4, chunk]
+
+
+def test_owners_take_turns_for_prefill_however_many_rows_they_have():
+    runner = ScriptedRunner(slots=4)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        busy = engine.submit(Request([1], max_new_tokens=40, owner="c"))
+        runner.wait_for_step()
+        first = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="a"))
+        second = engine.submit(Request(list(range(40, 52)), max_new_tokens=1, owner="a"))
+        other = engine.submit(Request(list(range(60, 72)), max_new_tokens=1, owner="b"))
+        runner.run_freely()
+        for handle in (busy, first, second, other):
+            handle.result(10)
+    starts = [call.tokens[0] for call in runner.calls if call.kind == "prefill"][1:]
+    # a has two prompts and b one: b's chunks come every other turn, not every third.
+    assert starts[:6] == [20, 60, 40, 64, 24, 68]
 
 
 def test_a_keystroke_s_prompt_goes_before_a_long_one():
