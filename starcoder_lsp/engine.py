@@ -199,7 +199,7 @@ class Engine:
             if request.owner is not None:
                 self._owned.setdefault(request.owner, set()).add(handle)
                 if self.max_queued:
-                    waiting = [h for h in queue if h.cancel_reason is None]
+                    waiting = [h for h in queue if h.cancel_reason is None and not h.claimed]
                     for oldest in waiting[: -self.max_queued]:
                         oldest.cancel("superseded")
             self._cv.notify_all()
@@ -269,8 +269,13 @@ class Engine:
         while self.prefix_cache.has_free():
             with self._cv:
                 handle = self._next_waiting()
-            if handle is None:
-                return
+                if handle is None:
+                    return
+                handle.claimed = True
+                # To the back of the round now, admitted or not: an owner whose requests keep
+                # being superseded while their prompts are made gets one try per round.
+                owner = handle.request.owner
+                self._queues[owner] = self._queues.pop(owner)
             if not self._make_prompt(handle):
                 continue
             with self._cv:
@@ -303,13 +308,12 @@ class Engine:
         return True
 
     def _dequeue(self, handle: Handle) -> None:
-        """Take `handle` out of its owner's queue; the owner goes to the back of the round.
-        (Under the lock.)"""
+        """Take `handle` out of its owner's queue. (Under the lock.)"""
         owner = handle.request.owner
-        queue = self._queues.pop(owner)
+        queue = self._queues[owner]
         queue.remove(handle)
-        if queue:
-            self._queues[owner] = queue
+        if not queue:
+            del self._queues[owner]
 
     def _next_waiting(self) -> Handle | None:
         """The first waiting request, in round-robin order, of an owner under its row limit."""

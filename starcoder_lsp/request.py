@@ -62,6 +62,9 @@ class Handle:
         self.future: Future[Result] = Future()
         self.cancel_reason: str | None = None
         self.submitted = time.perf_counter()
+        # The engine has begun admitting it (making its prompt): no newer request of the same
+        # owner pushes it out of the queue any more, or that work would be thrown away.
+        self.claimed = False
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop between decode steps; the result still arrives, with this finish_reason."""

@@ -588,11 +588,32 @@ async def _suggest(
     pending.future.add_done_callback(lambda done: _count_stopped(ls.stats, done))
     suggestion = await _outcome(pending)
     ls.stats.record(time.perf_counter() - started, bool(suggestion.text), suggestion.typed_through)
+    _log_timings(ls, suggestion, time.perf_counter() - started)
     if not suggestion.text:
         return None
     end_offset = offset + suggestion.replace_suffix_chars
     end = positions.position_at(text, starts, end_offset, document.encoding)
     return suggestion.text, types.Range(start=position, end=end)
+
+
+def _log_timings(ls: StarcoderServer, suggestion: Suggestion, seconds: float) -> None:
+    """Where a suggestion's time went, at DEBUG: what to look at when one is slow."""
+    result = suggestion.result
+    if result is None or not log.isEnabledFor(logging.DEBUG):
+        return
+    log.debug(
+        "connection %d: %s after %.3f s: %d prompt tokens (%d reused), queued %.3f s, "
+        "prefill %.3f s, %d decode steps in %.3f s",
+        ls.connection,
+        result.finish_reason,
+        seconds,
+        result.prompt_tokens,
+        result.reused_tokens,
+        result.queued_seconds,
+        result.prefill_seconds,
+        result.decode_steps,
+        result.decode_seconds,
+    )
 
 
 async def _outcome(pending: Pending) -> Suggestion:

@@ -301,6 +301,25 @@ def test_a_prompt_is_made_only_for_a_request_that_leaves_the_queue():
     assert made == [[1], [4]]
 
 
+def test_a_request_whose_prompt_is_being_made_is_not_pushed_out_by_newer_ones():
+    """Newer requests keep coming while each prompt is made (a client keeping many in
+    flight): the one being admitted is served, not superseded after its prompt was made."""
+    engine = scripted_engine(ScriptedRunner(slots=2), max_queued=1)
+
+    def prompt(n: int):
+        def make() -> list[int]:
+            if n < 5:  # the next request arrives while this prompt is being made
+                later.append(engine.submit(Request([], 1, owner="a", prompt=prompt(n + 1))))
+            return [n]
+
+        return make
+
+    with running(engine):
+        later = [engine.submit(Request([], 1, owner="a", prompt=prompt(1)))]
+        reasons = [later[n].result(10).finish_reason for n in range(5)]
+    assert reasons == ["length"] * 5
+
+
 class FailingRunner(ScriptedRunner):
     """Fails to prefill any prompt that holds the token 99."""
 
