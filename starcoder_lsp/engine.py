@@ -19,7 +19,8 @@ Many editors share it, so no one of them may hold it up (each limit is off at 0)
 - a long prompt is prefilled `prefill_chunk` tokens at a time while other requests are
   decoding or prefilling, taking at most a third of the time while rows decode (owners
   take turns for it), so that the others go on instead of waiting for the whole prompt
-  (alone, it goes in whole); a keystroke's prompt, which one chunk finishes, goes first;
+  (alone, in pieces of ALONE_CHUNK); a keystroke's prompt, which one chunk finishes, goes
+  first;
 - `drop(owner)` stops everything of an owner that left, queued or running.
 
 Every request is resolved: whatever fails while serving it (the model step, a stop rule, the
@@ -46,6 +47,10 @@ from starcoder_lsp.stopping import finish_reason
 
 log = logging.getLogger(__name__)
 
+# The most prompt tokens prefilled in one turn when nothing else runs: the runner's largest
+# compiled chunk (runner.DEFAULT_CHUNKS), prefilled at ~290 tokens/s against ~210 for 64 on
+# a 2-core CPU; a whole prompt of 8,000 tokens in one turn kept a new request waiting 50 s.
+ALONE_CHUNK = 256
 # While rows decode, each second of prefill waits for this many seconds of decode steps: the
 # prefill takes at most a third of the time, so the rows decoding beside a stream of long
 # prompts take at most 1.5 times as long per step.
@@ -355,9 +360,10 @@ class Engine:
         self._prefilling.remove(row)
         request = row.handle.request
         rest = row.to_prefill()
-        # In chunks only while other requests wait on it: alone, it goes in whole (fastest).
+        # Small chunks only while other requests wait on it; alone, as large as prefill is
+        # efficient, but not whole: a request arriving meanwhile waits one piece at most.
         others = self._decoding or self._prefilling
-        piece = rest[:chunk] if chunk and others else rest
+        piece = rest[:chunk] if chunk and others else rest[: max(chunk, ALONE_CHUNK)]
         start, clocked = time.perf_counter(), self._clock()
         try:
             logits, self._cache, _ = self.runner.prefill(

@@ -273,11 +273,12 @@ def test_a_keystroke_s_prompt_goes_before_a_long_one():
     assert prefilled(runner)[:3] == [[1], [40, 41], [20, 21, 22, 23]]
 
 
-def test_a_long_prompt_alone_is_prefilled_whole():
-    runner = ScriptedRunner(slots=2)
+def test_a_long_prompt_alone_is_prefilled_in_the_largest_pieces():
+    runner = ScriptedRunner(slots=2, max_len=1024)
+    prompt = [n % 50 + 1 for n in range(600)]
     with running(scripted_engine(runner, prefill_chunk=4)) as engine:
-        assert engine.generate(Request(list(range(20, 30)), max_new_tokens=1), 10).tokens == [30]
-    assert prefilled(runner) == [list(range(20, 30))]
+        assert engine.generate(Request(prompt, max_new_tokens=1), 10).finish_reason == "length"
+    assert [len(tokens) for tokens in prefilled(runner)] == [256, 256, 88]
 
 
 def test_a_prompt_is_made_only_for_a_request_that_leaves_the_queue():
