@@ -88,6 +88,13 @@ class Limits:
         "largest document kept, in characters; requests for a larger one get an error "
         "that says so (default: 32M)",
     )
+    max_in_flight_per_connection: int = limit(
+        8,
+        count,
+        "N",
+        "completion requests of one connection being served at once; past that, nothing "
+        "more is read from it until one is answered (default: 8)",
+    )
     max_queued_per_connection: int = limit(
         4,
         count,

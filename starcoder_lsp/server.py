@@ -13,13 +13,14 @@ each override says what pygls does instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -315,6 +316,19 @@ class StarcoderServer(LanguageServer):
         self.close_connection: Callable[[], None] | None = None
         # Set by a transport that limits wrong tokens per address.
         self.auth_failed: Callable[[], None] = lambda: None
+        # Completion requests being served; the transport reads no more past a limit.
+        self.in_flight = 0
+        self.answered = asyncio.Event()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count a completion request while it is served."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.answered.set()
 
     def apply_settings(self, options: Any) -> None:
         """Take the known settings of `options`, each checked, and together checked against
@@ -412,7 +426,8 @@ async def inline_completion(
     ls: StarcoderServer, params: types.InlineCompletionParams
 ) -> types.InlineCompletionList:
     """The suggestion at the cursor, as one inline completion item (or none)."""
-    found = await _suggest(ls, params.text_document.uri, params.position)
+    with ls.serving():
+        found = await _suggest(ls, params.text_document.uri, params.position)
     if found is None:
         return types.InlineCompletionList(items=[])
     text, replaced = found
@@ -424,7 +439,8 @@ async def inline_completion(
 
 async def completion(ls: StarcoderServer, params: types.CompletionParams) -> types.CompletionList:
     """For clients without inline completion: one item, labelled with its first line."""
-    found = await _suggest(ls, params.text_document.uri, params.position)
+    with ls.serving():
+        found = await _suggest(ls, params.text_document.uri, params.position)
     if found is None:
         return types.CompletionList(is_incomplete=True, items=[])
     text, replaced = found

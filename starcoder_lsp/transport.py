@@ -13,8 +13,9 @@ between, and never times out. Here (each limit a flag, limits.py):
   connection closed;
 - a TCP connection has --handshake-timeout seconds for TLS and a successful initialize, then
   may be idle --idle-timeout seconds;
-- each message read gives the other connections a turn, and a client that does not read its
-  replies is not read from either (its unsent replies stay bounded) until it times out;
+- each message read gives the other connections a turn; a client that does not read its
+  replies is not read from either (its unsent replies stay bounded) until it times out, nor
+  one with more than --max-in-flight-per-connection completions being served;
 - at most --max-connections connections at once, and an address that sent more than
   --max-auth-failures wrong tokens in a minute is turned away before anything is read.
 """
@@ -138,7 +139,12 @@ async def serve_connection(
             # past its high-water mark, TLS included): then nothing more is read from it
             # until it reads, so its replies cannot pile up in the server's memory.
             await asyncio.wait_for(writer.drain(), limits.idle_timeout or None)
-        await asyncio.sleep(0)  # the other connections' turn
+        await asyncio.sleep(0)  # the other connections' turn (and the new request's)
+        # A client that keeps more completions in flight than an editor does is not read
+        # from until one is answered: each answer it draws costs the server's time.
+        while 0 < limits.max_in_flight_per_connection <= server.in_flight:
+            server.answered.clear()
+            await asyncio.wait_for(server.answered.wait(), limits.idle_timeout or None)
 
 
 def is_loopback(host: str) -> bool:
@@ -294,8 +300,11 @@ async def _serve(
             await serve_connection(server, reader, writer, limits, timeouts=True)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as e:
             log.info("connection %d lost: %s", server.connection, e)
-        except asyncio.TimeoutError:
-            log.info("connection %d: its replies were not read; closing it", server.connection)
+        except asyncio.TimeoutError:  # waiting on a client that reads nothing, or
+            # one whose requests in flight kept it from being read, past --idle-timeout
+            log.info(
+                "connection %d: stalled (its replies were not read); closing it", server.connection
+            )
         finally:
             gate.open -= 1
             close()

@@ -565,6 +565,41 @@ async def test_a_closed_connection_s_requests_are_dropped(limited_server: Server
     await staying.close()
 
 
+async def test_nothing_more_is_read_from_a_connection_with_too_many_requests_in_flight(
+    tiny_mqa_dir: Path, tmp_path: Path
+) -> None:
+    """No queue limit here: requests wait their turn instead of being superseded. With four
+    in flight, the server reads the connection's next message only once one is answered."""
+    server = start_tcp_server(
+        tiny_mqa_dir,
+        tmp_path / "server.log",
+        "--cache-slots",
+        "1",
+        "--max-queued-per-connection",
+        "0",
+        "--max-in-flight-per-connection",
+        "4",
+    )
+    try:
+        client = await connect(server, {"maxNewTokens": 64, "minChars": 0})
+        ids = await long_requests(client, 12)
+        await client.send({"id": 99, "method": "starcoder/stats"})
+        replies_before_stats = 0
+        async with asyncio.timeout(120):
+            while True:
+                message = await client.read()
+                if message.get("id") == 99:
+                    stats = message["result"]
+                    break
+                replies_before_stats += message.get("id") in ids
+        # When the stats request was read, at most 4 completions were being served.
+        assert stats["requests"] - replies_before_stats <= 4, (stats, replies_before_stats)
+        assert stats["requests"] >= 9
+        await client.close()
+    finally:
+        stop(server)
+
+
 async def test_json_rpc_errors_for_what_is_not_a_message(tcp_server: Server) -> None:
     client = await WireClient.tcp(tcp_server.port)
     for body, code, reply_id in (
