@@ -369,6 +369,9 @@ class Engine:
             logits, self._cache, _ = self.runner.prefill(
                 self._cache, row.lease.slot, piece, len(row.written)
             )
+            # JAX returns before the work is done: wait for it, or its time would be charged
+            # to the next decode step and the sharing of time would not see it.
+            jax.block_until_ready(self._cache)
             first = None
             if len(piece) == len(rest):
                 first = int(self.runner.sample(logits, _sampling([request]), self._next_key())[0])
