@@ -180,6 +180,9 @@ async def client_session(
     client = await start_client(port, options)
     name = FILES[index % len(FILES)]
     before, typed, after = stretch(STDLIB / name, args.context_chars, args.keys)
+    if getattr(args, "after_chars", None) is not None:  # churn: short files, quick prompts
+        after = after[: args.after_chars]
+        before = before[before.index("\n", max(0, len(before) - args.context_chars)) + 1 :]
     uri = f"file:///load/{index}/{name}"
     open_document(client, uri, before + after)
     if cold is not None:
@@ -365,7 +368,14 @@ def rss_mb(pid: int) -> float:
 
 
 async def churn(port: int, pid: int, args: argparse.Namespace) -> list[tuple[str, float]]:
-    churn_args = argparse.Namespace(**{**vars(args), "keys": args.churn_keys})
+    churn_args = argparse.Namespace(
+        **{
+            **vars(args),
+            "keys": args.churn_keys,
+            "context_chars": args.churn_chars * 3 // 4,
+            "after_chars": args.churn_chars // 4,
+        }
+    )
     await client_session(port, 0, churn_args, Run(1))  # one client first: lazy allocations
     rows = [("before", rss_mb(pid))]
     for round_ in range(1, args.churn_rounds + 1):
@@ -439,7 +449,7 @@ async def run_scenarios(port: int, pid: int, args: argparse.Namespace) -> None:
     if "churn" in results:
         print(
             f"\nchurn: {args.churn_rounds} rounds of {args.churn_clients} clients, "
-            f"{args.churn_keys} keys each"
+            f"{args.churn_keys} keys each in {args.churn_chars}-character files"
         )
         print_churn(results["churn"])
 
@@ -474,6 +484,9 @@ def main() -> None:
     parser.add_argument("--churn-rounds", type=int, default=3)
     parser.add_argument("--churn-clients", type=int, default=50)
     parser.add_argument("--churn-keys", type=int, default=8)
+    parser.add_argument(
+        "--churn-chars", type=int, default=2000, help="churn: characters of each client's file"
+    )
     parser.add_argument(
         "--server-arg",
         action="append",
