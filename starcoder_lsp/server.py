@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import json
@@ -37,7 +38,7 @@ from pygls.exceptions import (
     JsonRpcServerNotInitialized,
 )
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
+from pygls.protocol import LanguageServerProtocol, default_converter
 from pygls.protocol.json_rpc import (
     JsonRPCNotification,
     JsonRPCRequestMessage,
@@ -99,6 +100,15 @@ class StarcoderProtocol(LanguageServerProtocol):
         super().__init__(*args, **kwargs)
         self.initialized = False
         self.refused = False  # a wrong token was sent: nothing more is read
+
+    # pygls caches these with functools.lru_cache on the method, which keys the cache by
+    # `self`: the last 128 (connection, method) pairs keep closed connections alive, with
+    # their documents (up to --max-document-size each). The answer depends on the method only.
+    def get_message_type(self, method: str) -> Any:
+        return _message_type(method)
+
+    def get_result_type(self, method: str) -> Any:
+        return _result_type(method)
 
     # -- messages in ------------------------------------------------------------------------
 
@@ -269,6 +279,16 @@ class StarcoderProtocol(LanguageServerProtocol):
             yield handler, (params,), None
 
 
+@functools.cache
+def _message_type(method: str) -> Any:
+    return types.METHOD_TO_TYPES.get(method, (None,))[0]
+
+
+@functools.cache
+def _result_type(method: str) -> Any:
+    return types.METHOD_TO_TYPES.get(method, (None, None))[1]
+
+
 def _not_a_message(data: Any) -> str | None:
     """Why `data` is not a JSON-RPC 2.0 message, or None."""
     if not isinstance(data, dict):
@@ -301,7 +321,12 @@ class StarcoderServer(LanguageServer):
         limits: Limits | None = None,
         local: bool = True,
     ) -> None:
-        super().__init__("starcoder-lsp", __version__, protocol_cls=StarcoderProtocol)
+        super().__init__(
+            "starcoder-lsp",
+            __version__,
+            protocol_cls=StarcoderProtocol,
+            converter_factory=_shared_converter,
+        )
         self.backend = backend
         self.token = token
         self.limits = limits or Limits()
@@ -376,6 +401,14 @@ class StarcoderServer(LanguageServer):
 
 
 _connections = itertools.count(1)
+
+
+@functools.cache
+def _shared_converter() -> Any:
+    """One cattrs converter for every connection: pygls makes one per server, and each
+    generates and compiles its (un)structuring functions again, some 1,000 of them, when a
+    connection starts."""
+    return default_converter()
 
 
 # --- handlers --------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ checkpoint, driven over stdio by pytest-lsp's client and over TCP by a raw wire 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import ssl
 import subprocess
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from lsp_wire import WireClient
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import client_capabilities, make_test_lsp_client
+
+from starcoder_lsp.backend import Backend
+from starcoder_lsp.server import build_server
 
 PROGRAM = (
     "import os\n"
@@ -752,3 +757,20 @@ def test_stats_is_json(tcp_server: Server) -> None:
     result = asyncio.run(stats())
     assert json.loads(json.dumps(result)) == result
     assert {"requests", "shown", "accepted", "cacheHits", "latencyMs", "model"} <= set(result)
+
+
+def test_a_connection_that_ended_is_not_kept_alive():
+    """pygls caches message types per protocol object (functools.lru_cache on a method):
+    the last 128 (connection, method) pairs kept ended connections alive, with their
+    documents; and it made a cattrs converter, compiling ~1,000 functions, per connection."""
+    backend = Backend(lambda progress: None)
+    servers = [build_server(backend) for _ in range(2)]
+    assert servers[0].protocol._converter is servers[1].protocol._converter
+    for method in ("initialize", "textDocument/inlineCompletion", "starcoder/stats"):
+        for protocol in (servers[0].protocol, servers[1].protocol):
+            protocol.get_message_type(method)
+            protocol.get_result_type(method)
+    del protocol
+    ended = weakref.ref(servers.pop())
+    gc.collect()
+    assert ended() is None
