@@ -1,5 +1,11 @@
 """What every connection shares: the model, loaded once per process in the background, and
-the counts `starcoder/stats` reports."""
+the counts `starcoder/stats` reports.
+
+Each connection counts its own requests (a `Stats` that also adds to the process's totals).
+`starcoder/stats` tells a client its own counts and the totals; only a local server (stdio,
+or TCP on loopback without a token: one user) also lists every connection's counts, since on
+a shared server they would tell one user what the others do.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,15 @@ from typing import Any
 
 from starcoder_lsp.completer import Completer
 from starcoder_lsp.progress import Progress
-from starcoder_lsp.settings import Settings
+from starcoder_lsp.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Stats:
-    """Counts and latencies for `starcoder/stats`, shared by every connection."""
+    """Counts and latencies for `starcoder/stats`: of one connection, adding to `total`, or
+    of the whole process."""
 
     requests: int = 0
     shown: int = 0
@@ -28,25 +35,45 @@ class Stats:
     docstrings: int = 0
     cancelled: int = 0  # generations stopped early by $/cancelRequest
     superseded: int = 0  # ... or by a newer request for the same document
+    disconnected: int = 0  # ... or because their connection closed
+    failed: int = 0  # answered with an error by the engine
     latencies: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    total: Stats | None = None  # where a connection's counts add up
 
     def count_request(self) -> None:
-        with self.lock:
-            self.requests += 1
+        self._add(requests=1)
+
+    def count_accepted(self) -> None:
+        self._add(accepted=1)
+
+    def count_docstring(self) -> None:
+        self._add(docstrings=1)
+
+    def count_failed(self) -> None:
+        self._add(failed=1)
 
     def record(self, seconds: float, shown: bool, typed_through: bool) -> None:
         with self.lock:
-            self.shown += shown
-            self.empty += not shown
-            self.typed_through += typed_through
             self.latencies.append(seconds)
             del self.latencies[:-10_000]  # percentiles of the recent past, in bounded memory
+        self._add(shown=shown, empty=not shown, typed_through=typed_through)
+        if self.total is not None:
+            with self.total.lock:
+                self.total.latencies.append(seconds)
+                del self.total.latencies[:-10_000]
 
     def count_stopped(self, reason: str) -> None:
-        with self.lock:
-            self.cancelled += reason == "cancelled"
-            self.superseded += reason == "superseded"
+        if reason in ("cancelled", "superseded", "disconnected"):
+            self._add(**{reason: 1})
+
+    def _add(self, **counts: int) -> None:
+        for stats in (self, self.total):
+            if stats is None:
+                continue
+            with stats.lock:
+                for name, n in counts.items():
+                    setattr(stats, name, getattr(stats, name) + n)
 
     def as_json(self) -> dict[str, Any]:
         with self.lock:
@@ -60,6 +87,8 @@ class Stats:
                 "docstrings": self.docstrings,
                 "cancelled": self.cancelled,
                 "superseded": self.superseded,
+                "disconnected": self.disconnected,
+                "failed": self.failed,
             }
 
         def percentile(p: float) -> float:
@@ -83,7 +112,16 @@ class Backend:
         self.error: str | None = None
         self.progress = (0, 1, "loading the model")
         self.ready = threading.Event()  # set once loaded, or once loading failed
-        self.stats = Stats()
+        self.stats = Stats()  # the totals of every connection
+        self.connections: dict[int, Stats] = {}  # the open ones
+
+    def connect(self, connection: int) -> Stats:
+        """The counts of a new connection, adding to the totals."""
+        stats = self.connections[connection] = Stats(total=self.stats)
+        return stats
+
+    def disconnect(self, connection: int) -> None:
+        self.connections.pop(connection, None)
 
     def start(self) -> Backend:
         threading.Thread(target=self._run, name="starcoder-load", daemon=True).start()
@@ -105,6 +143,11 @@ class Backend:
         try:
             completer = self._load(self._report)
             completer.engine.ready.wait()
+            try:  # the server's own defaults (--max-new-tokens) must fit the model too
+                self.settings.check_context(completer.engine.context)
+            except SettingsError:
+                completer.engine.close()
+                raise
             self.completer = completer
             self.progress = (1, 1, "ready")
         except Exception as e:  # the server keeps answering, with the reason in its log
@@ -116,18 +159,30 @@ class Backend:
     def _report(self, done: int, total: int, what: str) -> None:
         self.progress = (done, max(total, 1), what)
 
-    def status(self) -> dict[str, Any]:
+    @property
+    def context(self) -> int | None:
+        """The model's context in tokens, once it is loaded."""
+        return self.completer.engine.context if self.completer is not None else None
+
+    def status(self, own: Stats, local: bool) -> dict[str, Any]:
+        """`starcoder/stats` for the connection counting `own`: its counts, the totals, and
+        on a local server every connection's counts."""
         cache = self.completer.engine.prefix_cache.stats if self.completer else None
-        return {
+        status = {
             "ready": self.completer is not None,
             "loading": self.progress[2],
             "error": self.error,
             "model": self.model,
-            **self.stats.as_json(),
+            **own.as_json(),
+            "totals": self.stats.as_json(),
             "cacheHits": cache.hits if cache else 0,
             "cacheRequests": cache.requests if cache else 0,
             "speculation": self._speculation(),
         }
+        if local:
+            connections = dict(self.connections)
+            status["connections"] = {str(n): s.as_json() for n, s in connections.items()}
+        return status
 
     def _speculation(self) -> dict[str, Any] | None:
         """Drafted and accepted tokens and model steps per token; None without drafts."""

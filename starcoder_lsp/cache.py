@@ -2,8 +2,12 @@
 
 Positions are absolute, so a slot's keys and values are valid for a new prompt exactly as
 far as the two token sequences agree. A request takes the free slot sharing the longest
-common prefix with its prompt and prefills only the rest; with nothing shared, the least
-recently used free slot is overwritten.
+common prefix with its prompt and prefills only the rest, if it keeps at least half of what
+that slot holds (the prompt continues that slot's text, as a keystroke continues the last);
+otherwise the least recently used free slot is overwritten. Every FIM prompt begins with the
+same special tokens: without the half rule, another connection's prompt sharing just those
+took the slot most recently used (a typist's, between two keystrokes) and threw away the
+thousands of tokens its next keystroke would have reused.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class PrefixCache:
         self._clock = 0
         self.stats = CacheStats()
 
+    def has_free(self) -> bool:
+        return any(not s.busy for s in self._slots)
+
     def acquire(self, tokens: Sequence[int]) -> Lease | None:
         """Pin the best free slot for `tokens`; None when every slot is busy."""
         free = [i for i, s in enumerate(self._slots) if not s.busy]
@@ -68,10 +75,12 @@ class PrefixCache:
             i: min(common_prefix(self._slots[i].tokens, tokens), cap) if self.enabled else 0
             for i in free
         }
+        # Slots the prompt continues: it keeps at least half of what they hold.
+        continued = [i for i in free if 2 * shared[i] >= len(self._slots[i].tokens)]
         # Longest shared prefix; among equals the most recently used, as the likelier to
         # be extended by the next keystroke.
-        best = max(free, key=lambda i: (shared[i], self._slots[i].last_used))
-        if shared[best] == 0:  # nothing to reuse: evict the least recently used free slot
+        best = max(continued or free, key=lambda i: (shared[i], self._slots[i].last_used))
+        if not continued or shared[best] == 0:  # evict the least recently used free slot
             best = min(free, key=lambda i: self._slots[i].last_used)
         slot = self._slots[best]
         slot.busy = True

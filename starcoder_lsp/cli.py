@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from starcoder_lsp import __version__
 from starcoder_lsp.config import PRESETS
 from starcoder_lsp.errors import StarcoderError
+from starcoder_lsp.limits import Limits, add_arguments
 
 # Exit status of a user error (bad arguments, unusable checkpoint), as argparse uses.
 EXIT_USAGE = 2
@@ -248,7 +249,9 @@ def _add_draft_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_options(args: argparse.Namespace, slots: int) -> ModelOptions:
+def _model_options(
+    args: argparse.Namespace, slots: int, server_limits: Limits | None = None
+) -> ModelOptions:
     from starcoder_lsp.factory import ModelOptions
 
     return ModelOptions(
@@ -262,6 +265,7 @@ def _model_options(args: argparse.Namespace, slots: int) -> ModelOptions:
         draft_tokens=getattr(args, "draft_tokens", 4),
         draft_ngram=getattr(args, "draft_ngram", 3),
         quantize=getattr(args, "quantize", None),
+        limits=server_limits,
     )
 
 
@@ -275,17 +279,14 @@ def _compilation_cache(args: argparse.Namespace) -> str | None:
 
 
 def _build_completer(
-    args: argparse.Namespace,
-    slots: int,
+    options: ModelOptions,
     warmup: bool,
     progress: Progress | None = None,
     wrap_runner: Callable | None = None,
 ) -> Completer:
     from starcoder_lsp.factory import build_completer
 
-    return build_completer(
-        _model_options(args, slots), warmup=warmup, progress=progress, wrap_runner=wrap_runner
-    )
+    return build_completer(options, warmup=warmup, progress=progress, wrap_runner=wrap_runner)
 
 
 def _add_complete(subparsers: Subparsers) -> None:
@@ -330,7 +331,7 @@ def _run_complete(args: argparse.Namespace) -> int:
     settings = Settings(
         max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode, multiline=args.multiline
     )
-    completer = _build_completer(args, slots=1, warmup=False)
+    completer = _build_completer(_model_options(args, slots=1), warmup=False)
     # The server logs this line itself (Engine.start); this command configures no logging.
     print(completer.engine.describe(), file=sys.stderr)
     try:
@@ -373,7 +374,7 @@ def _add_serve(subparsers: Subparsers) -> None:
         "(--tcp) or to the editor as window/logMessage (--stdio).",
         epilog="remote use: on the accelerator host run `starcoder-lsp serve --tcp`, then "
         "`ssh -L 2087:localhost:2087 HOST` on the laptop; or bind a public address with "
-        "--host 0.0.0.0 --token SECRET --tls-cert CERT --tls-key KEY.",
+        "--host 0.0.0.0 --token-file FILE --tls-cert CERT --tls-key KEY.",
     )
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument(
@@ -387,11 +388,13 @@ def _add_serve(subparsers: Subparsers) -> None:
         "--port", type=int, default=2087, help="TCP port (default: 2087; 0 picks a free one)"
     )
     parser.add_argument(
-        "--token",
-        default=os.environ.get("STARCODER_LSP_TOKEN"),
-        help="secret clients must send as initializationOptions.token; "
-        "required off loopback (default: $STARCODER_LSP_TOKEN)",
+        "--token-file",
+        type=Path,
+        help="a file holding the secret clients must send as initializationOptions.token; "
+        "required off loopback unless $STARCODER_LSP_TOKEN holds it",
     )
+    # A token on the command line shows in every user's process list: refused, with why.
+    parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument(
@@ -402,7 +405,27 @@ def _add_serve(subparsers: Subparsers) -> None:
     )
     _add_model_options(parser)
     _add_multihost_options(parser)
+    add_arguments(parser)
     parser.set_defaults(handler=_run_serve)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The server's token: from --token-file, else $STARCODER_LSP_TOKEN; never from the
+    command line, where every user of the host can read it."""
+    if args.token is not None:
+        raise StarcoderError(
+            "--token would show the secret in the process list: put it in "
+            "$STARCODER_LSP_TOKEN or in a file given with --token-file"
+        )
+    if args.token_file is None:
+        return os.environ.get("STARCODER_LSP_TOKEN") or None
+    try:
+        token = args.token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StarcoderError(f"cannot read the token from {args.token_file}: {e}") from None
+    if not token:
+        raise StarcoderError(f"{args.token_file} is empty: it should hold the token")
+    return token
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -422,12 +445,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         settings = Settings(max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode)
     except ValueError as e:
         raise StarcoderError(str(e)) from None
+    token = _token(args)
+    server_limits = Limits.from_args(args)
     if args.tcp:
         # Refuse a bad address, token or certificate before loading the model.
         tls = transport.tls_context(args.tls_cert, args.tls_key)
-        transport.check_exposure(args.host, args.token)
-    elif args.tls_cert or args.tls_key or args.token:
-        raise StarcoderError("--token and --tls-cert/--tls-key apply to --tcp only")
+        transport.check_exposure(args.host, token)
+    elif args.tls_cert or args.tls_key or args.token_file:
+        raise StarcoderError("--token-file and --tls-cert/--tls-key apply to --tcp only")
 
     wrap_runner = None
     if args.coordinator is not None or args.num_processes is not None:
@@ -436,16 +461,15 @@ def _run_serve(args: argparse.Namespace) -> int:
             return _follow(args)
 
     def load(progress: Progress) -> Completer:
-        return _build_completer(
-            args, slots=args.cache_slots, warmup=True, progress=progress, wrap_runner=wrap_runner
-        )
+        options = _model_options(args, args.cache_slots, server_limits)
+        return _build_completer(options, warmup=True, progress=progress, wrap_runner=wrap_runner)
 
     backend = Backend(load, args.model, settings).start()
     try:
         if args.tcp:
-            transport.serve_tcp(backend, args.host, args.port, args.token, tls)
+            transport.serve_tcp(backend, args.host, args.port, token, tls, limits=server_limits)
         else:
-            transport.serve_stdio(backend)
+            transport.serve_stdio(backend, server_limits)
     finally:
         backend.close()
     return 0

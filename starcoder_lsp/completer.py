@@ -3,10 +3,22 @@
 This is the tested core behind the server's inline completions, the `complete` command and
 the keystroke benchmark. It knows documents as text and offsets, not LSP; it talks to the
 engine through requests and futures, not JAX.
+
+A keystroke costs the text near the cursor, not the document: the prompt is built from a
+stretch around the cursor long enough for the prompt's windows (`CHARS_PER_TOKEN` characters
+per token of budget), and the post-processing (run at every decode step by a block's stop
+rule) sees `LOCAL_CHARS` of it. Each stretch starts at a line boundary that moves only in
+steps of `ALIGN` characters, so typing leaves its start, and the prompt's first tokens and
+the cache built on them, where they were. A 20 MB file then costs a keystroke what a 200 KB
+one does.
+
+Every pending suggestion resolves: with a Suggestion, or with the error that stopped it (a
+RequestError, logged once where it happened).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -14,15 +26,24 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from starcoder_lsp import docstring, postprocess
-from starcoder_lsp.prompt import FimMode, FimPrompt, PromptOptions, build_prompt, default_budgets
-from starcoder_lsp.request import Handle, Request, Result
-from starcoder_lsp.settings import Settings
+from starcoder_lsp.prompt import FimMode, FimPrompt, PromptOptions, build_prompt
+from starcoder_lsp.request import Handle, Request, RequestError, Result
+from starcoder_lsp.settings import Settings, SettingsError
 from starcoder_lsp.special_tokens import SpecialTokens
 
 if TYPE_CHECKING:  # the engine imports JAX; this module must not
     from starcoder_lsp.engine import Engine
 
+log = logging.getLogger(__name__)
+
 DOCSTRING_TOKENS = 128  # at least this many new tokens for a docstring
+# More characters than any token of a code tokenizer spans (StarCoder's average 3-4): the
+# prompt's stretch holds this many per token of its windows' budgets.
+CHARS_PER_TOKEN = 16
+# The text around the cursor that the post-processing and the typing-through check see.
+LOCAL_CHARS = 16_384
+# Stretches of text start at the line before a multiple of this many characters.
+ALIGN = 65_536
 
 
 @dataclass
@@ -34,7 +55,7 @@ class Suggestion:
     replace_suffix_chars: int = 0
     typed_through: bool = False  # answered from the previous suggestion, without the model
     result: Result | None = None
-    prompt: FimPrompt | None = None
+    prompt: FimPrompt | None = None  # None when the request never left the queue
     seconds: float = 0.0
 
 
@@ -85,13 +106,17 @@ class Completer:
         self.fim_mode = fim_mode
         self._shown: dict[Hashable, _Shown] = {}
 
-    def options(self, settings: Settings, filename: str | None = None) -> PromptOptions:
+    def options(
+        self, settings: Settings, filename: str | None = None, max_new_tokens: int | None = None
+    ) -> PromptOptions:
+        """How to build prompts with `settings`; SettingsError when they cannot fit the
+        model's context (with `max_new_tokens` new tokens, default the settings' own)."""
         mode = settings.fim_mode or self.fim_mode
-        prefix, suffix = default_budgets(self.engine.context, settings.max_new_tokens, mode)
+        prefix, suffix = settings.budgets(self.engine.context, max_new_tokens, mode)
         return PromptOptions(
             mode=mode,
-            prefix_tokens=settings.prefix_tokens or prefix,
-            suffix_tokens=settings.suffix_tokens or suffix,
+            prefix_tokens=prefix,
+            suffix_tokens=suffix,
             filename=filename if settings.filename else None,
         )
 
@@ -102,31 +127,42 @@ class Completer:
         cursor: int,
         settings: Settings,
         filename: str | None = None,
+        owner: Hashable | None = None,
     ) -> Pending:
         """Begin a suggestion for `cursor` in `text`; a newer one for the same document
-        supersedes this one between two decode steps."""
+        supersedes this one between two decode steps. `owner` (a connection) is whose
+        limits the request counts against in the engine."""
         started = time.perf_counter()
         pending = Pending()
-        through = self._typed_through(document, text[:cursor], text[cursor:])
+        start, end = stretch(text, cursor, LOCAL_CHARS, LOCAL_CHARS)
+        before, after = text[start:cursor], text[cursor:end]
+        through = self._typed_through(document, before, after)
         if through is not None:
             through.seconds = time.perf_counter() - started
             pending.future.set_result(through)
             return pending
         options = self.options(settings, filename)
-        prompt = build_prompt(text, cursor, self.tokenizer, self.tokens, options)
-        before, after = text[:cursor], text[cursor:]
+        start, end = stretch(
+            text,
+            cursor,
+            options.prefix_tokens * CHARS_PER_TOKEN,
+            options.suffix_tokens * CHARS_PER_TOKEN,
+        )
+        prompt = _LazyPrompt(self, text[start:end], cursor - start, options)
         multiline = _multiline(settings, before, after)
         ask = _Ask(document, before, after, settings, multiline, started)
         request = Request(
-            prompt.ids,
+            [],
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
             stop=_stop_rule(before, after, multiline),
             group=document,
+            owner=owner,
+            prompt=prompt.ids,
         )
         pending.handle = self.engine.submit(request)
-        _resolve_with(pending, lambda result: self._suggestion(ask, prompt, result))
+        _resolve_with(pending, lambda result: self._suggestion(ask, prompt.made, result))
         return pending
 
     def complete(
@@ -141,42 +177,60 @@ class Completer:
         return self.start(document, text, cursor, settings, filename).future.result()
 
     def docstring(
-        self, document: Hashable, text: str, target: docstring.Target, settings: Settings
+        self,
+        document: Hashable,
+        text: str,
+        target: docstring.Target,
+        settings: Settings,
+        owner: Hashable | None = None,
     ) -> Pending:
         """Begin a docstring for `target`: the future resolves to a Suggestion whose text is
         the lines to insert before `target.body_line` ("" when the model wrote nothing)."""
         start = time.perf_counter()
+        # As many new tokens as a docstring needs, where the context leaves room for them.
+        new_tokens = max(settings.max_new_tokens, DOCSTRING_TOKENS)
+        try:
+            options = self.options(settings, max_new_tokens=new_tokens)
+        except SettingsError:
+            new_tokens, options = settings.max_new_tokens, self.options(settings)
         prefix, suffix = docstring.fim_split(text, target)
-        prompt = build_prompt(
-            prefix + suffix, len(prefix), self.tokenizer, self.tokens, self.options(settings)
-        )
+        prompt = _LazyPrompt(self, prefix + suffix, len(prefix), options)
         request = Request(
-            prompt.ids,
-            max_new_tokens=max(settings.max_new_tokens, DOCSTRING_TOKENS),
+            [],
+            max_new_tokens=new_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
             stop=docstring.stop_at_quotes,
             group=(document, "docstring"),
+            owner=owner,
+            prompt=prompt.ids,
         )
         pending = Pending(handle=self.engine.submit(request))
 
         def suggestion(result: Result) -> Suggestion:
-            stopped = result.finish_reason in ("cancelled", "superseded")
+            stopped = result.finish_reason in STOPPED
             lines = "" if stopped else docstring.format_docstring(result.text, target.indent)
             seconds = time.perf_counter() - start
-            return Suggestion(lines, result=result, prompt=prompt, seconds=seconds)
+            return Suggestion(lines, result=result, prompt=prompt.made, seconds=seconds)
 
         _resolve_with(pending, suggestion)
         return pending
+
+    def drop(self, owner: Hashable, documents: list[Hashable]) -> int:
+        """`owner` left: stop its requests and forget its documents' last suggestions.
+        Returns how many requests were stopped."""
+        for document in documents:
+            self.forget(document)
+        return self.engine.drop(owner)
 
     def forget(self, document: Hashable) -> None:
         self._shown.pop(document, None)
 
     # -- pieces --------------------------------------------------------------------------
 
-    def _suggestion(self, ask: _Ask, prompt: FimPrompt, result: Result) -> Suggestion:
+    def _suggestion(self, ask: _Ask, prompt: FimPrompt | None, result: Result) -> Suggestion:
         seconds = ask.seconds()
-        if result.finish_reason in ("cancelled", "superseded"):
+        if result.finish_reason in STOPPED:
             return Suggestion("", result=result, prompt=prompt, seconds=seconds)
         cut = postprocess.cut_completion(result.text, ask.before, ask.after, ask.multiline)
         if not postprocess.acceptable(cut.text, ask.settings.min_chars):
@@ -211,6 +265,40 @@ class Completer:
         )
 
 
+class _LazyPrompt:
+    """A prompt made when the engine admits its request (`ids`), in the engine's thread: a
+    request superseded while it waits never costs one. `made` is the FimPrompt once made."""
+
+    def __init__(self, completer: Completer, text: str, cursor: int, options: PromptOptions):
+        self._completer, self._text, self._cursor, self._options = completer, text, cursor, options
+        self.made: FimPrompt | None = None
+
+    def ids(self) -> list[int]:
+        c = self._completer
+        self.made = build_prompt(self._text, self._cursor, c.tokenizer, c.tokens, self._options)
+        self._text = ""  # the stretch of text is no longer needed
+        return self.made.ids
+
+
+# Finish reasons of a generation stopped before it ended on its own: nothing to show.
+STOPPED = ("cancelled", "superseded", "disconnected")
+
+
+def stretch(text: str, cursor: int, before: int, after: int) -> tuple[int, int]:
+    """(start, end) of whole lines around `cursor`: at least `before` characters before it
+    and `after` after it where the text has them. The start is the line start before a
+    multiple of ALIGN, so it stays put while the user types at the cursor; the end is a
+    line end counted from the cursor, and the text after the cursor does not change."""
+    start = 0
+    if cursor - before > ALIGN:
+        start = text.rfind("\n", 0, (cursor - before) // ALIGN * ALIGN) + 1
+    end = len(text)
+    if cursor + after < len(text):
+        found = text.find("\n", cursor + after)
+        end = len(text) if found < 0 else found
+    return start, end
+
+
 def _multiline(settings: Settings, before: str, after: str) -> bool:
     if settings.multiline != "auto":
         return settings.multiline == "always"
@@ -231,14 +319,19 @@ def _stop_rule(before: str, after: str, multiline: bool) -> Callable[[str], bool
 
 def _resolve_with(pending: Pending, suggestion: Callable[[Result], Suggestion]) -> None:
     """When the engine's result arrives, resolve `pending` with `suggestion(result)`, or with
-    the engine's error."""
+    the error that stopped it (logged once: by the engine, or here)."""
 
     def finish(done: Future) -> None:
         # Whatever goes wrong resolves the future: an exception raised in a done-callback
         # would be swallowed and leave the editor waiting forever.
         try:
             pending.future.set_result(suggestion(done.result()))
-        except Exception as e:
+        except RequestError as e:
             pending.future.set_exception(e)
+        except Exception as e:
+            log.exception("making the suggestion failed")
+            failure = RequestError(f"making the suggestion failed: {e}")
+            failure.__cause__ = e
+            pending.future.set_exception(failure)
 
     pending.handle.future.add_done_callback(finish)

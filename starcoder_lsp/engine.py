@@ -1,14 +1,30 @@
 """The engine: one model, one key/value cache, requests from every connection in one queue.
 
-A worker thread owns the device cache. Between decode steps it admits waiting requests
-(each reuses the cache slot whose tokens share the longest prefix with its prompt, and
-prefills only the rest), then advances every active request by one token in a single batched
-step. Cancellation and supersession are checked between steps, so a stale request stops
-within one step. Callers get a `Handle` (a concurrent future) and never touch JAX.
+A worker thread owns the device cache. Each turn of its loop it admits waiting requests (each
+reuses the cache slot whose tokens share the longest prefix with its prompt), prefills one
+chunk of one admitted prompt, then advances every decoding request by one token in a single
+batched step. Cancellation and supersession are checked between steps, so a stale request
+stops within one step. Callers get a `Handle` (a concurrent future) and never touch JAX.
 
 It decodes one step per call, where the Generator runs several (Runner.decode_steps): a
 completion is often a line of a few tokens, and eight steps per call would make a new
 keystroke's request wait up to eight steps to join and a finished row waste up to seven.
+
+Many editors share it, so no one of them may hold it up (each limit is off at 0):
+
+- requests wait in one queue per owner (a connection), and slots go to the owners in turn,
+  round robin, not first come first served;
+- an owner has at most `max_queued` requests waiting; a newer one supersedes its oldest;
+- an owner decodes in at most `max_rows` slots at once;
+- a long prompt is prefilled `prefill_chunk` tokens at a time while other requests are
+  decoding or prefilling, taking at most a third of the time while rows decode (owners
+  take turns for it), so that the others go on instead of waiting for the whole prompt
+  (alone, in pieces of ALONE_CHUNK); a keystroke's prompt, which one chunk finishes, goes
+  first;
+- `drop(owner)` stops everything of an owner that left, queued or running.
+
+Every request is resolved: whatever fails while serving it (the model step, a stop rule, the
+tokenizer) resolves it with a RequestError, logged once, here.
 """
 
 from __future__ import annotations
@@ -25,12 +41,21 @@ import jax
 from starcoder_lsp.assist import Assistant, AssistRow
 from starcoder_lsp.cache import Lease, PrefixCache
 from starcoder_lsp.progress import Progress
-from starcoder_lsp.request import Handle, Request, Result
+from starcoder_lsp.request import Handle, Request, RequestError, Result
 from starcoder_lsp.runner import Runner
 from starcoder_lsp.sampling import Sampling, split_key
 from starcoder_lsp.stopping import finish_reason
 
 log = logging.getLogger(__name__)
+
+# The most prompt tokens prefilled in one turn when nothing else runs: the runner's largest
+# compiled chunk (runner.DEFAULT_CHUNKS), prefilled at ~290 tokens/s against ~210 for 64 on
+# a 2-core CPU; a whole prompt of 8,000 tokens in one turn kept a new request waiting 50 s.
+ALONE_CHUNK = 256
+# While rows decode, each second of prefill waits for this many seconds of decode steps: the
+# prefill takes at most a third of the time, so the rows decoding beside a stream of long
+# prompts take at most 1.5 times as long per step.
+DECODE_PER_PREFILL = 2.0
 
 
 __all__ = ["Engine", "Handle", "Request", "Result"]
@@ -38,7 +63,7 @@ __all__ = ["Engine", "Handle", "Request", "Result"]
 
 @dataclass
 class _Row:
-    """A request being decoded, in the cache slot its lease pins."""
+    """A request in a cache slot that its lease pins: prefilling, then decoding."""
 
     handle: Handle
     lease: Lease
@@ -49,18 +74,30 @@ class _Row:
     decode_started: float = 0.0
     decode_steps: int = 0
 
+    @property
+    def owner(self) -> Hashable | None:
+        return self.handle.request.owner
+
+    def to_prefill(self) -> list[int]:
+        return self.handle.request.ids[len(self.written) :]
+
+    def prefill_tokens(self) -> int:
+        """How many tokens of its prompt the slot did not hold when it was admitted."""
+        return len(self.handle.request.ids) - self.lease.reuse
+
     def result(self, reason: str, text: str) -> Result:
         request = self.handle.request
+        decoding = self.decode_started > 0
         return Result(
             tokens=self.generated,
             text=text,
             finish_reason=reason,
             prompt_tokens=len(request.ids),
             reused_tokens=self.lease.reuse,
-            prefilled_tokens=len(request.ids) - self.lease.reuse,
+            prefilled_tokens=min(len(self.written), len(request.ids)) - self.lease.reuse,
             queued_seconds=self.queued_seconds,
             prefill_seconds=self.prefill_seconds,
-            decode_seconds=time.perf_counter() - self.decode_started,
+            decode_seconds=time.perf_counter() - self.decode_started if decoding else 0.0,
             decode_steps=self.decode_steps,
         )
 
@@ -70,7 +107,9 @@ class Engine:
 
     decode: token ids → text (the tokenizer's), for stop rules and results; stop_ids: the
     tokens that end a generation; assistant: drafts that a step verifies (assist.py), so that
-    a step may produce several tokens of a row.
+    a step may produce several tokens of a row. max_queued, max_rows, prefill_chunk: the
+    per-owner limits and the prefill chunk of the module doc (0: none). clock: what prefill
+    and decode time is measured with, to share the time between them (tests pass their own).
     """
 
     def __init__(
@@ -80,16 +119,30 @@ class Engine:
         stop_ids: Sequence[int],
         prefix_cache: bool = True,
         assistant: Assistant | None = None,
+        *,
+        max_queued: int = 0,
+        max_rows: int = 0,
+        prefill_chunk: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.runner = runner
         self.assistant = assistant
         self._decode_text = decode
         self._stop_ids = frozenset(stop_ids)
         self.prefix_cache = PrefixCache(runner.slots, enabled=prefix_cache)
+        self.max_queued, self.max_rows, self.prefill_chunk = max_queued, max_rows, prefill_chunk
         self._cache: jax.Array | None = None
-        self._pending: deque[Handle] = deque()
-        self._active: list[_Row] = []
+        # Waiting requests, one queue per owner; the dict's order is the round robin's.
+        self._queues: dict[Hashable | None, deque[Handle]] = {}
+        self._prefilling: deque[_Row] = deque()
+        self._decoding: list[_Row] = []
+        # Seconds of prefill, while rows were decoding, not yet made up for by decode steps;
+        # and chunks prefilled per owner since prefilling began (its round robin).
+        self._prefill_debt = 0.0
+        self._prefill_turns: dict[Hashable | None, int] = {}
+        self._clock = clock
         self._groups: dict[Hashable, Handle] = {}
+        self._owned: dict[Hashable, set[Handle]] = {}  # every unresolved handle of an owner
         self._cv = threading.Condition()
         self._closed = False
         self._key = jax.random.PRNGKey(0)
@@ -133,10 +186,11 @@ class Engine:
         be stuck (a multi-host step waiting for a process that is gone)."""
         with self._cv:
             self._closed = True
-            pending, self._pending = list(self._pending), deque()
-            active = list(self._active)
+            waiting = [h for queue in self._queues.values() for h in queue]
+            self._queues = {}
+            running = [row.handle for row in (*self._prefilling, *self._decoding)]
             self._cv.notify_all()
-        for handle in [*pending, *(row.handle for row in active)]:
+        for handle in [*waiting, *running]:
             if not handle.future.done():
                 handle.future.set_exception(error)
 
@@ -149,7 +203,10 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------
 
     def submit(self, request: Request) -> Handle:
-        self.runner.check_fits(len(request.ids), request.max_new_tokens)
+        """Queue `request`. A prompt given as ids is checked against the context now (a
+        ValueError says why it does not fit); one made lazily, when it is admitted."""
+        if request.prompt is None:
+            self.runner.check_fits(len(request.ids), request.max_new_tokens)
         handle = Handle(request)
         with self._cv:
             if self._closed:
@@ -159,9 +216,26 @@ class Engine:
                 if older is not None:
                     older.cancel("superseded")
                 self._groups[request.group] = handle
-            self._pending.append(handle)
+            queue = self._queues.setdefault(request.owner, deque())
+            queue.append(handle)
+            if request.owner is not None:
+                self._owned.setdefault(request.owner, set()).add(handle)
+                if self.max_queued:
+                    waiting = [h for h in queue if h.cancel_reason is None and not h.claimed]
+                    for oldest in waiting[: -self.max_queued]:
+                        oldest.cancel("superseded")
             self._cv.notify_all()
         return handle
+
+    def drop(self, owner: Hashable) -> int:
+        """Stop every request of `owner`, waiting or running (its connection closed); each is
+        resolved with finish_reason "disconnected". Returns how many were stopped."""
+        with self._cv:
+            handles = self._owned.get(owner, set())
+            for handle in handles:
+                handle.cancel("disconnected")
+            self._cv.notify_all()
+            return len(handles)
 
     def generate(self, request: Request, timeout: float | None = None) -> Result:
         return self.submit(request).result(timeout)
@@ -183,67 +257,183 @@ class Engine:
         self.ready.set()
         while True:
             with self._cv:
-                while not self._closed and not self._pending and not self._active:
+                while not self._closed and not self._has_work():
                     self._cv.wait()
                 if self._closed:
                     break
             try:
+                self._drop_cancelled()
                 self._admit()
-                if self._active:
-                    self._step()
-            except Exception as e:
-                log.exception("engine step failed")
-                self._fail_active(e)
+                self._prefill_next()
+                self._step()
+            except Exception as e:  # a fault of the loop itself: no request is left waiting
+                log.exception("engine loop failed")
+                self._fail_running(e)
         self._fail_all(RuntimeError("the engine was closed"))
 
-    def _admit(self) -> None:
-        while True:
-            with self._cv:
-                if not self._pending:
-                    return
-                handle = self._pending[0]
-                if handle.cancel_reason is None:
-                    lease = self.prefix_cache.acquire(handle.request.ids)
-                    if lease is None:
-                        return  # every slot is busy: wait for a row to finish
-                self._pending.popleft()
-            if handle.cancel_reason is not None:
-                self._resolve(handle, _never_started(handle, handle.cancel_reason))
-                continue
-            self._prefill(handle, lease)
+    def _has_work(self) -> bool:
+        return any(self._queues.values()) or bool(self._prefilling or self._decoding)
 
-    def _prefill(self, handle: Handle, lease: Lease) -> None:
+    def _drop_cancelled(self) -> None:
+        """Resolve the waiting requests that were cancelled or superseded: their editors
+        are waiting for the (empty) answer."""
+        with self._cv:
+            stopped = [h for q in self._queues.values() for h in q if h.cancel_reason]
+            for owner, queue in list(self._queues.items()):
+                kept = deque(h for h in queue if h.cancel_reason is None)
+                if kept:
+                    self._queues[owner] = kept
+                else:
+                    del self._queues[owner]
+        for handle in stopped:
+            self._resolve(handle, _never_started(handle, handle.cancel_reason or "cancelled"))
+
+    def _admit(self) -> None:
+        """Give free slots to waiting requests, one owner after another."""
+        while self.prefix_cache.has_free():
+            with self._cv:
+                handle = self._next_waiting()
+                if handle is None:
+                    return
+                handle.claimed = True
+                # To the back of the round now, admitted or not: an owner whose requests keep
+                # being superseded while their prompts are made gets one try per round.
+                owner = handle.request.owner
+                self._queues[owner] = self._queues.pop(owner)
+            if not self._make_prompt(handle):
+                continue
+            with self._cv:
+                if handle.cancel_reason is not None:
+                    continue  # superseded while its prompt was made: resolved next turn
+                lease = self.prefix_cache.acquire(handle.request.ids)
+                if lease is None:
+                    return  # every slot is busy: wait for a row to finish
+                self._dequeue(handle)
+            written = list(handle.request.ids[: lease.reuse])
+            queued = time.perf_counter() - handle.submitted
+            self._prefilling.append(_Row(handle, lease, written, queued_seconds=queued))
+
+    def _make_prompt(self, handle: Handle) -> bool:
+        """Make a lazy request's ids and check that they fit; False (the request resolved
+        with the error) when that fails."""
         request = handle.request
-        queued = time.perf_counter() - handle.submitted
-        start = time.perf_counter()
-        rest = request.ids[lease.reuse :]
+        if request.prompt is None:
+            return True
         try:
-            logits, self._cache, _ = self.runner.prefill(self._cache, lease.slot, rest, lease.reuse)
-            first = self.runner.sample(logits, _sampling([request]), self._next_key())
-        except Exception:
-            self.prefix_cache.discard(lease)
-            raise
-        row = _Row(handle, lease, list(request.ids), [int(first[0])], queued_seconds=queued)
-        row.prefill_seconds = time.perf_counter() - start
+            request.ids = list(request.prompt())
+            request.prompt = None
+            self.runner.check_fits(len(request.ids), request.max_new_tokens)
+        except Exception as e:
+            log.exception("making a prompt failed; the request gets the error")
+            with self._cv:
+                self._dequeue(handle)
+            self._fail(handle, e)
+            return False
+        return True
+
+    def _dequeue(self, handle: Handle) -> None:
+        """Take `handle` out of its owner's queue. (Under the lock.)"""
+        owner = handle.request.owner
+        queue = self._queues[owner]
+        queue.remove(handle)
+        if not queue:
+            del self._queues[owner]
+
+    def _next_waiting(self) -> Handle | None:
+        """The first waiting request, in round-robin order, of an owner under its row limit."""
+        rows: dict[Hashable | None, int] = {}
+        for row in (*self._prefilling, *self._decoding):
+            rows[row.owner] = rows.get(row.owner, 0) + 1
+        for owner, queue in self._queues.items():
+            if owner is not None and self.max_rows and rows.get(owner, 0) >= self.max_rows:
+                continue
+            for handle in queue:
+                if handle.cancel_reason is None:
+                    return handle
+        return None
+
+    def _prefill_next(self) -> None:
+        """Prefill one chunk of a prefilling row: one that a chunk finishes (a keystroke's few
+        tokens) if any, else one of the owner that had the fewest chunks so far (round robin
+        across connections, however many rows each has); an unfinished row waits its turn.
+
+        While other rows decode, a chunk runs only once the decode steps since the last one
+        took DECODE_PER_PREFILL times as long as it did (a keystroke's chunk runs at once).
+        Otherwise a prompt of thousands of tokens, in chunks between every step, would make
+        each step of the others several times slower.
+        """
+        self._prefilling = deque(r for r in self._prefilling if not self._finish_if_cancelled(r))
+        if not self._prefilling:
+            self._prefill_debt = 0.0
+            self._prefill_turns.clear()
+            return
+        chunk = self.prefill_chunk
+        short = [r for r in self._prefilling if chunk and r.prefill_tokens() <= chunk]
+        if short:
+            row = short[0]
+        elif chunk and self._decoding and self._prefill_debt > 0:
+            return  # the decoding rows' turn
+        else:
+            row = min(self._prefilling, key=lambda r: self._prefill_turns.get(r.owner, 0))
+            self._prefill_turns[row.owner] = self._prefill_turns.get(row.owner, 0) + 1
+        self._prefilling.remove(row)
+        request = row.handle.request
+        rest = row.to_prefill()
+        # Small chunks only while other requests wait on it; alone, as large as prefill is
+        # efficient, but not whole: a request arriving meanwhile waits one piece at most.
+        others = self._decoding or self._prefilling
+        piece = rest[:chunk] if chunk and others else rest[: max(chunk, ALONE_CHUNK)]
+        start, clocked = time.perf_counter(), self._clock()
+        try:
+            logits, self._cache, _ = self.runner.prefill(
+                self._cache, row.lease.slot, piece, len(row.written)
+            )
+            # JAX returns before the work is done: wait for it, or its time would be charged
+            # to the next decode step and the sharing of time would not see it.
+            jax.block_until_ready(self._cache)
+            first = None
+            if len(piece) == len(rest):
+                first = int(self.runner.sample(logits, _sampling([request]), self._next_key())[0])
+        except Exception as e:
+            log.exception("prefill failed; the request gets the error")
+            self.prefix_cache.discard(row.lease)
+            self._fail(row.handle, e)
+            return
+        row.written.extend(piece)
+        row.prefill_seconds += time.perf_counter() - start
+        if self._decoding:
+            self._prefill_debt += self._clock() - clocked
+        if first is None:
+            self._prefilling.append(row)
+            return
+        row.generated.append(first)
         row.decode_started = time.perf_counter()
         if not self._finish_if_done(row):
-            self._active.append(row)
+            self._decoding.append(row)
 
     def _step(self) -> None:
-        rows = [r for r in self._active if not self._finish_if_cancelled(r)]
-        self._active = rows
+        rows = [r for r in self._decoding if not self._finish_if_cancelled(r)]
+        self._decoding = rows
         if not rows:
             return
         sampling = _sampling([r.handle.request for r in rows])
-        new_tokens = self._assisted(rows, sampling) if self.assistant else None
-        if new_tokens is None:
-            new_tokens = [[token] for token in self._decode(rows, sampling)]
+        started = self._clock()
+        try:
+            new_tokens = self._assisted(rows, sampling) if self.assistant else None
+            if new_tokens is None:
+                new_tokens = [[token] for token in self._decode(rows, sampling)]
+        except Exception as e:
+            log.exception("decode step failed; its %d requests get the error", len(rows))
+            self._fail_running(e)
+            return
+        repaid = (self._clock() - started) / DECODE_PER_PREFILL
+        self._prefill_debt = max(0.0, self._prefill_debt - repaid)
         still = []
         for row, tokens in zip(rows, new_tokens, strict=True):
             row.decode_steps += 1
             if not self._take(row, tokens):
                 still.append(row)
-        self._active = still
+        self._decoding = still
 
     def _decode(self, rows: list[_Row], sampling: Sampling) -> list[int]:
         """One plain decode step: each row's next token."""
@@ -258,6 +448,7 @@ class Engine:
 
     def _assisted(self, rows: list[_Row], sampling: Sampling) -> list[list[int]] | None:
         """Each row's new tokens from one verified step of drafts; None when none has any."""
+        assert self.assistant is not None
         assist_rows = [
             AssistRow(
                 key=r.handle,
@@ -299,7 +490,13 @@ class Engine:
         by_text = None
         if request.stop is not None:
             by_text = lambda: request.stop(self._text(row.generated))
-        reason = finish_reason(row.generated, request.max_new_tokens, self._stop_ids, by_text)
+        try:
+            reason = finish_reason(row.generated, request.max_new_tokens, self._stop_ids, by_text)
+        except Exception as e:  # the request's stop rule, or the tokenizer, failed
+            log.exception("a stop rule failed; the request gets the error")
+            self.prefix_cache.release(row.lease, row.written)
+            self._fail(row.handle, e)
+            return True
         reason = reason or row.handle.cancel_reason
         if reason is None:
             return False
@@ -310,31 +507,55 @@ class Engine:
         self.prefix_cache.release(row.lease, row.written)
         if self.assistant is not None:
             self.assistant.finished(row.handle, row.written)
-        self._resolve(row.handle, row.result(reason, self._text(row.generated)))
+        try:
+            result = row.result(reason, self._text(row.generated))
+        except Exception as e:
+            log.exception("decoding a result failed; the request gets the error")
+            self._fail(row.handle, e)
+            return
+        self._resolve(row.handle, result)
+
+    def _forget(self, handle: Handle) -> None:
+        request = handle.request
+        with self._cv:
+            if request.group is not None and self._groups.get(request.group) is handle:
+                del self._groups[request.group]
+            owned = self._owned.get(request.owner)
+            if owned is not None:
+                owned.discard(handle)
+                if not owned:
+                    del self._owned[request.owner]
 
     def _resolve(self, handle: Handle, result: Result) -> None:
-        with self._cv:
-            if self._groups.get(handle.request.group) is handle:
-                del self._groups[handle.request.group]
+        self._forget(handle)
         if not handle.future.done():
             handle.future.set_result(result)
 
-    def _fail_active(self, error: Exception) -> None:
-        for row in self._active:
+    def _fail(self, handle: Handle, error: BaseException) -> None:
+        """Resolve with the error; the caller has logged it."""
+        self._forget(handle)
+        if not handle.future.done():
+            failure = RequestError(f"the request failed: {error}")
+            failure.__cause__ = error
+            handle.future.set_exception(failure)
+
+    def _fail_running(self, error: BaseException) -> None:
+        """Every admitted request gets `error`; their slots' contents are unknown."""
+        rows, self._decoding = [*self._prefilling, *self._decoding], []
+        self._prefilling = deque()
+        for row in rows:
             self.prefix_cache.discard(row.lease)
             if self.assistant is not None:
                 self.assistant.finished(row.handle, [])
-            if not row.handle.future.done():
-                row.handle.future.set_exception(error)
-        self._active = []
+            self._fail(row.handle, error)
 
-    def _fail_all(self, error: Exception) -> None:
-        self._fail_active(error)
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_running(error)
         with self._cv:
-            pending, self._pending = list(self._pending), deque()
-        for handle in pending:
-            if not handle.future.done():
-                handle.future.set_exception(error)
+            waiting = [h for queue in self._queues.values() for h in queue]
+            self._queues = {}
+        for handle in waiting:
+            self._fail(handle, error)
 
     # -- helpers ----------------------------------------------------------------------------------
 

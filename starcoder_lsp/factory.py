@@ -17,6 +17,7 @@ from starcoder_lsp.checkpoint import Checkpoint
 from starcoder_lsp.compilation import enable_compilation_cache
 from starcoder_lsp.completer import Completer
 from starcoder_lsp.engine import Engine
+from starcoder_lsp.limits import Limits
 from starcoder_lsp.progress import Progress
 from starcoder_lsp.prompt import TRAINED_FIM_MODE
 from starcoder_lsp.runner import Runner
@@ -46,6 +47,8 @@ class ModelOptions:
     def draft_model(self) -> str | None:
         return None if self.draft in (OFF, PROMPT_LOOKUP) else self.draft
 
+    limits: Limits | None = None  # the server's per-connection limits; None: none (one user)
+
 
 def load_checkpoint(options: ModelOptions, progress: Progress | None = None) -> Checkpoint:
     """The checkpoint on its mesh, with the compilation cache enabled as the options say."""
@@ -65,16 +68,31 @@ def build_engine(
     *,
     prefix_cache: bool = True,
     assistant: Assistant | None = None,
+    limits: Limits | None = None,
     **runner_options: object,
 ) -> Engine:
-    """An engine (not started) over `runner`, or over a new runner made with the options."""
+    """An engine (not started) over `runner`, or over a new runner made with the options;
+    with the server's `limits` on what each connection may take of it."""
     if runner is None:
         if assistant is not None:
             runner_options.setdefault("draft_tokens", assistant.k)
             runner_options.setdefault("draft_distributions", assistant.drafter.distributions)
         runner = Runner.from_checkpoint(ckpt, **runner_options)
-    stop_ids = ckpt.tokens.stop_ids
-    return Engine(runner, ckpt.tokenizer.decode, stop_ids, prefix_cache, assistant)
+    scheduling = {}
+    if limits is not None:
+        scheduling = {
+            "max_queued": limits.max_queued_per_connection,
+            "max_rows": limits.max_rows_per_connection,
+            "prefill_chunk": limits.prefill_chunk,
+        }
+    return Engine(
+        runner,
+        ckpt.tokenizer.decode,
+        ckpt.tokens.stop_ids,
+        prefix_cache=prefix_cache,
+        assistant=assistant,
+        **scheduling,
+    )
 
 
 def build_assistant(
@@ -125,6 +143,12 @@ def build_completer(
     runner = build_runner(options, ckpt, assistant, **runner_options)
     if wrap_runner is not None:
         runner = wrap_runner(runner)
-    engine = build_engine(ckpt, runner, prefix_cache=options.prefix_cache, assistant=assistant)
+    engine = build_engine(
+        ckpt,
+        runner,
+        prefix_cache=options.prefix_cache,
+        assistant=assistant,
+        limits=options.limits,
+    )
     engine.start(progress, warmup=warmup)
     return completer_for(ckpt, engine)

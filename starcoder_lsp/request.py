@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 @dataclass
 class Request:
+    # The prompt's token ids; or, with `prompt`, made by it when the request leaves the
+    # queue (then `ids` is empty until then).
     ids: list[int]
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -20,13 +22,20 @@ class Request:
     stop: Callable[[str], bool] | None = None
     # A newer request with the same group supersedes this one (one per document).
     group: Hashable | None = None
+    # Who asked (a connection): the engine's per-owner limits and round robin, and what
+    # `Engine.drop` stops when the owner leaves. None: no limits (the CLI, the library).
+    owner: Hashable | None = None
+    # Makes `ids` when the engine admits the request. A prompt costs tens of milliseconds
+    # of tokenizing; made lazily, a request superseded in the queue costs none, so a client
+    # that floods the queue cannot keep the server busy making prompts nobody will use.
+    prompt: Callable[[], list[int]] | None = None
 
 
 @dataclass
 class Result:
     tokens: list[int]
     text: str
-    finish_reason: str  # stop | length | cancelled | superseded
+    finish_reason: str  # stop | length | cancelled | superseded | disconnected
     prompt_tokens: int
     reused_tokens: int
     prefilled_tokens: int
@@ -40,6 +49,11 @@ class Result:
         return self.queued_seconds + self.prefill_seconds + self.decode_seconds
 
 
+class RequestError(RuntimeError):
+    """Why a request could not be served. The engine logged it, with its traceback, when it
+    happened: whoever passes it on to a client needs only its message."""
+
+
 class Handle:
     """A submitted request: `result()` blocks, `future` is awaitable via asyncio.wrap_future."""
 
@@ -48,6 +62,9 @@ class Handle:
         self.future: Future[Result] = Future()
         self.cancel_reason: str | None = None
         self.submitted = time.perf_counter()
+        # The engine has begun admitting it (making its prompt): no newer request of the same
+        # owner pushes it out of the queue any more, or that work would be thrown away.
+        self.claimed = False
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop between decode steps; the result still arrives, with this finish_reason."""

@@ -7,7 +7,9 @@ the checks each value must pass, and the text the editors show; the VS Code exte
 there fails CI.
 
 A value from the wire is checked for its type as well as its range before anything is
-applied: JSON gives `"abc"`, `null`, `5.5`, `true` or `NaN` as readily as a number.
+applied: JSON gives `"abc"`, `null`, `5.5`, `true` or `NaN` as readily as a number. Then the
+settings together are checked against the model's context (`check_context`): a prompt's two
+windows, its special tokens and the new tokens must fit in it, or every request would fail.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from starcoder_lsp.errors import StarcoderError
+from starcoder_lsp.prompt import RESERVED_TOKENS, FimMode, default_budgets
 
 FIM_MODES = ("spm", "psm")
 MULTILINE_POLICIES = ("auto", "always", "never")
@@ -113,6 +116,41 @@ class Settings:
         if errors:
             raise SettingsError("; ".join(errors))
         return replace(self, **changes)
+
+    def budgets(
+        self, context: int, max_new_tokens: int | None = None, mode: FimMode = "spm"
+    ) -> tuple[int, int]:
+        """(prefix, suffix) token budgets of a prompt in `mode` in a context of `context`
+        tokens that leaves room for `max_new_tokens` (default: this maxNewTokens). A budget not
+        set takes its default share of what is left, capped so that the two fit together;
+        SettingsError when they cannot."""
+        new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        available = context - new - RESERVED_TOKENS
+        if available < 2:
+            raise SettingsError(
+                f"maxNewTokens {new} leaves no room for a prompt in the model's context of "
+                f"{context} tokens: at most {context - RESERVED_TOKENS - 2}"
+            )
+        default_prefix, default_suffix = default_budgets(context, new, mode)
+        prefix, suffix = self.prefix_tokens, self.suffix_tokens
+        if prefix is None and suffix is None:
+            prefix, suffix = default_prefix, default_suffix
+        elif suffix is None:
+            suffix = max(0, min(default_suffix, available - prefix))
+        elif prefix is None:
+            prefix = max(0, min(default_prefix, available - suffix))
+        if prefix + suffix > available:
+            raise SettingsError(
+                f"prefixTokens {prefix} + suffixTokens {suffix} + maxNewTokens {new} + "
+                f"{RESERVED_TOKENS} special tokens exceed the model's context of {context} "
+                f"tokens: the two budgets may take {available} together"
+            )
+        return prefix, suffix
+
+    def check_context(self, context: int) -> None:
+        """SettingsError unless a prompt made with these settings fits a context of
+        `context` tokens with its new tokens."""
+        self.budgets(context)
 
     def to_wire(self) -> dict[str, Any]:
         return {wire_name(f.name): getattr(self, f.name) for f in fields(self)}

@@ -19,6 +19,8 @@ class WireClient:
         self.writer = writer
         self.notifications: list[dict[str, Any]] = []
         self.server_requests: list[dict[str, Any]] = []
+        self.answer_server_requests = True  # False: an editor that never answers them
+        self._replies: dict[Any, dict[str, Any]] = {}  # read while waiting for another
         self._ids = itertools.count(1)
 
     @classmethod
@@ -45,11 +47,13 @@ class WireClient:
         return await self.reply(number, timeout)
 
     async def reply(self, number: int, timeout: float = 60) -> dict:
+        """The reply to request `number`, in whatever order the replies come."""
         async with asyncio.timeout(timeout):
-            while True:
+            while number not in self._replies:
                 message = await self.read()
-                if message.get("id") == number and "method" not in message:
-                    return message
+                if "id" in message and "method" not in message:
+                    self._replies[message["id"]] = message
+            return self._replies.pop(number)
 
     async def read(self) -> dict[str, Any]:
         """The next message; server requests are answered, notifications kept."""
@@ -65,6 +69,8 @@ class WireClient:
         message = json.loads(await self.reader.readexactly(length))
         if "method" in message and "id" in message:
             self.server_requests.append(message)
+            if not self.answer_server_requests:
+                return message
             result: Any = {"applied": True} if message["method"] == "workspace/applyEdit" else None
             await self.send({"id": message["id"], "result": result})
         elif "method" in message:
@@ -114,6 +120,21 @@ class WireClient:
                 "context": {"triggerKind": 2},
             },
             timeout,
+        )
+
+    def shown_messages(self) -> list[str]:
+        """The texts of the window/showMessage notifications read so far."""
+        return [
+            n["params"]["message"]
+            for n in self.notifications
+            if n["method"] == "window/showMessage"
+        ]
+
+    async def change(self, uri: str, version: int, *changes: dict[str, Any]) -> None:
+        """didChange; each change is {"range": ..., "text": ...} or {"text": ...}."""
+        await self.notify(
+            "textDocument/didChange",
+            {"textDocument": {"uri": uri, "version": version}, "contentChanges": list(changes)},
         )
 
     async def wait_ready(self, timeout: float = 120) -> dict:

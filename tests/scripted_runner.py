@@ -6,6 +6,9 @@ the token ids each slot holds, so every prefill checks that the positions the en
 cached hold exactly the prompt's tokens: prefix reuse that is not exact fails the test. With
 `hold()`, each decode step waits until the test lets it go, so a test decides what happens
 between two steps.
+
+`clock` tells time in calls, not seconds: a prefill call costs `prefill_cost`, a decode
+step 1, so that the engine's sharing of time between them is worked out by hand too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class ScriptedRunner:
     batches: tuple[int, ...] = (1, 2)
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     calls: list[Call] = field(default_factory=list)
+    prefill_cost: float = 1.0
+    time: float = 0.0
     _gate: threading.Semaphore | None = None
     _waiting: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
 
@@ -59,6 +64,7 @@ class ScriptedRunner:
         assert start <= len(cache[slot]), f"slot {slot} holds {len(cache[slot])}, not {start}"
         cache[slot] = cache[slot][:start] + list(tokens)
         self.calls.append(Call("prefill", [slot], list(tokens), [start]))
+        self.time += self.prefill_cost
         return _next_after([tokens[-1]]), cache, 1
 
     def decode(
@@ -76,6 +82,7 @@ class ScriptedRunner:
             assert len(cache[slot]) == position, (slot, len(cache[slot]), position)
             cache[slot].append(token)
         self.calls.append(Call("decode", list(slots), list(tokens), list(positions)))
+        self.time += 1
         return _next_after(tokens), cache
 
     def sample(self, logits: np.ndarray, sampling: Sampling, key: object) -> np.ndarray:
@@ -83,6 +90,9 @@ class ScriptedRunner:
 
     def pad_sampling(self, sampling: Sampling, n: int) -> Sampling:
         return sampling
+
+    def clock(self) -> float:
+        return self.time
 
     # -- stepping by hand ----------------------------------------------------------------
 

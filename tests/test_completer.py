@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from starcoder_lsp import checkpoint
-from starcoder_lsp.completer import Completer, Settings
+from starcoder_lsp.completer import ALIGN, Completer, Settings, stretch
 from starcoder_lsp.engine import Engine
 from starcoder_lsp.generate import Runner
-from starcoder_lsp.request import Handle, Request, Result
+from starcoder_lsp.request import Handle, Request, RequestError, Result
+from starcoder_lsp.settings import SettingsError
 
 SOURCE = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
 
@@ -155,3 +156,47 @@ def test_a_character_cut_by_the_token_limit_is_never_sent_half(tiny_mqa_dir):
         assert suggestion.text == "name = 'ab[1m", (k, suggestion.result.text)
     whole = Completer(_Answers(ids, tokenizer.decode), tokenizer, tokens)
     assert whole.complete("doc", "x = 1\n", 6, settings).text == "name = 'ab[1m\U0001d518'"
+
+
+def test_settings_that_do_not_fit_the_model_are_refused_before_the_engine(ckpt):
+    completer = _completer(ckpt, True)
+    try:
+        text, cursor = _typing(40, 1)[0]
+        with pytest.raises(SettingsError, match="context of 512"):
+            completer.start("doc", text, cursor, Settings(max_new_tokens=600))
+        with pytest.raises(SettingsError, match="prefixTokens 500"):
+            completer.start("doc", text, cursor, Settings(prefix_tokens=500, suffix_tokens=50))
+    finally:
+        completer.engine.close()
+
+
+def test_a_failure_while_making_the_suggestion_resolves_it_with_the_error(ckpt, monkeypatch):
+    completer = _completer(ckpt, True)
+    try:
+
+        def broken(*args, **kwargs):
+            raise KeyError("post-processing broke")
+
+        monkeypatch.setattr("starcoder_lsp.postprocess.cut_completion", broken)
+        text, cursor = _typing(40, 1)[0]
+        pending = completer.start("doc", text, cursor, Settings(multiline="never"))
+        with pytest.raises(RequestError, match="post-processing broke"):
+            pending.future.result(60)
+    finally:
+        completer.engine.close()
+
+
+def test_the_text_around_the_cursor_is_whole_lines_and_stays_put_while_typing():
+    line = "x = 12345678\n"
+    text = line * 100_000  # 1.3 MB
+    cursor = len(text) // 2
+    start, end = stretch(text, cursor, 10_000, 5_000)
+    assert start <= cursor - 10_000 and cursor - start < 10_000 + ALIGN + len(line)
+    assert end >= cursor + 5_000 and end - cursor < 5_000 + len(line)
+    assert text[start - 1] == "\n" and text[end] == "\n"
+    # Typing at the cursor moves neither the start nor the text after the cursor.
+    typed = text[:cursor] + "abc" + text[cursor:]
+    start2, end2 = stretch(typed, cursor + 3, 10_000, 5_000)
+    assert start2 == start and typed[cursor + 3 : end2] == text[cursor:end]
+    # A short document is taken whole.
+    assert stretch("a\nb", 1, 10_000, 5_000) == (0, 3)

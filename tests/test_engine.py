@@ -5,6 +5,7 @@ decode steps the test releases one by one; the rest run the test checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from scripted_runner import ScriptedRunner
 from starcoder_lsp import checkpoint
 from starcoder_lsp.engine import Engine, Request
 from starcoder_lsp.generator import Generator
+from starcoder_lsp.request import RequestError
 from starcoder_lsp.runner import Runner
 
 
@@ -38,8 +40,15 @@ def model_engine(ckpt, prefix_cache: bool = True, slots: int = 3) -> Engine:
     return Engine(runner, ckpt.tokenizer.decode, stop_ids=[], prefix_cache=prefix_cache)
 
 
-def scripted_engine(runner: ScriptedRunner, stop_ids: tuple[int, ...] = ()) -> Engine:
-    return Engine(runner, lambda ids: " ".join(map(str, ids)), stop_ids)
+def scripted_engine(
+    runner: ScriptedRunner, stop_ids: tuple[int, ...] = (), **limits: int
+) -> Engine:
+    decode = lambda ids: " ".join(map(str, ids))
+    return Engine(runner, decode, stop_ids, clock=runner.clock, **limits)
+
+
+def prefilled(runner: ScriptedRunner) -> list[list[int]]:
+    return [call.tokens for call in runner.calls if call.kind == "prefill"]
 
 
 def _prompt(n: int, seed: int = 0) -> list[int]:
@@ -130,6 +139,220 @@ def test_the_prefix_cache_reuses_exactly_what_a_slot_holds():
     # 5, 6, 7 and the generated 8, 9 were written (10 was sampled, never run).
     assert again.reused_tokens == 5 and again.prefilled_tokens == 1
     assert runner.calls[-2].kind == "prefill" and runner.calls[-2].start == [5]
+
+
+# --- many owners: round robin, limits, leaving ------------------------------------------------
+
+
+def test_slots_go_to_the_owners_in_turn_not_first_come_first_served():
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        busy = engine.submit(Request([1], max_new_tokens=2, owner="a"))
+        runner.wait_for_step()
+        handles = [
+            engine.submit(Request(ids, max_new_tokens=1, owner=owner))
+            for ids, owner in (([2], "a"), ([3], "a"), ([4], "a"), ([10], "b"), ([20], "c"))
+        ]
+        runner.run_freely()
+        assert all(h.result(10).finish_reason == "length" for h in [busy, *handles])
+    # First come first served would be 2, 3, 4, 10, 20: a flooding owner would go first.
+    assert prefilled(runner) == [[1], [2], [10], [20], [3], [4]]
+
+
+def test_an_owner_s_oldest_waiting_request_is_superseded_past_its_queue_limit():
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner, max_queued=2)) as engine:
+        busy = engine.submit(Request([1], max_new_tokens=2, owner="a"))
+        runner.wait_for_step()
+        waiting = [engine.submit(Request([n], max_new_tokens=1, owner="a")) for n in (2, 3, 4, 5)]
+        other = engine.submit(Request([9], max_new_tokens=1, owner="b"))  # b's own limit
+        runner.run_freely()
+        reasons = [h.result(10).finish_reason for h in [busy, *waiting, other]]
+    assert reasons == ["length", "superseded", "superseded", "length", "length", "length"]
+    assert [2] not in prefilled(runner) and [3] not in prefilled(runner)
+
+
+def test_an_owner_decodes_in_at_most_its_rows_while_others_take_the_rest():
+    runner = ScriptedRunner(slots=2)
+    runner.hold()
+    with running(scripted_engine(runner, max_rows=1)) as engine:
+        first = engine.submit(Request([1], max_new_tokens=3, owner="a"))
+        runner.wait_for_step()
+        second = engine.submit(Request([30], max_new_tokens=1, owner="a"))
+        other = engine.submit(Request([20], max_new_tokens=3, owner="b"))
+        runner.run_freely()
+        for handle in (first, second, other):
+            assert handle.result(10).finish_reason == "length"
+    decodes = [call.tokens for call in runner.calls if call.kind == "decode"]
+    # a's second request waits for a's first, though a slot is free; b's takes that slot.
+    assert decodes[:3] == [[2], [3, 21], [22]]
+    assert prefilled(runner) == [[1], [20], [30]]
+
+
+def test_dropping_an_owner_stops_its_requests_running_or_waiting():
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner)) as engine:
+        running_one = engine.submit(Request([1], max_new_tokens=50, owner="gone"))
+        runner.wait_for_step()
+        waiting = engine.submit(Request([5], max_new_tokens=50, owner="gone"))
+        staying = engine.submit(Request([9], max_new_tokens=2, owner="here"))
+        assert engine.drop("gone") == 2
+        runner.run_freely()
+        assert running_one.result(10).finish_reason == "disconnected"
+        assert len(running_one.result().tokens) < 50
+        assert waiting.result(10).finish_reason == "disconnected"
+        assert staying.result(10).tokens == [10, 11]
+    assert [5] not in prefilled(runner)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_other_rows_steps():
+    runner = ScriptedRunner(slots=2)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        decoding = engine.submit(Request([1], max_new_tokens=12, owner="a"))
+        runner.wait_for_step()
+        long = engine.submit(Request(list(range(20, 30)), max_new_tokens=1, owner="b"))
+        runner.run_freely()
+        assert long.result(10).tokens == [30]
+        assert decoding.result(10).tokens == list(range(2, 14))
+    kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
+    # a keeps decoding while b's 10 tokens go in as 4 + 4 + 2, a chunk (costing as much as
+    # a step) after every two steps.
+    chunk, step, last = ("prefill", 4), ("decode", 1), ("prefill", 2)
+    assert kinds[:10] == [("prefill", 1), step, chunk, step, step, chunk, step, step, last, step]
+
+
+def test_prefill_takes_a_third_of_the_time_while_rows_decode():
+    """A chunk that costs two decode steps (by the runner's clock) is followed by four steps
+    of the decoding rows before the next chunk."""
+    runner = ScriptedRunner(slots=3, prefill_cost=2)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        decoding = engine.submit(Request([1], max_new_tokens=20, owner="a"))
+        runner.wait_for_step()
+        long = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="b"))
+        runner.run_freely()
+        assert long.result(10).tokens == [32]
+        assert decoding.result(10).finish_reason == "length"
+    kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
+    chunk, step = ("prefill", 4), ("decode", 1)
+    assert kinds[:13] == [("prefill", 1), step, chunk, *[step] * 4, chunk, *[step] * 4, chunk]
+
+
+def test_owners_take_turns_for_prefill_however_many_rows_they_have():
+    runner = ScriptedRunner(slots=4)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        busy = engine.submit(Request([1], max_new_tokens=40, owner="c"))
+        runner.wait_for_step()
+        first = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="a"))
+        second = engine.submit(Request(list(range(40, 52)), max_new_tokens=1, owner="a"))
+        other = engine.submit(Request(list(range(60, 72)), max_new_tokens=1, owner="b"))
+        runner.run_freely()
+        for handle in (busy, first, second, other):
+            handle.result(10)
+    starts = [call.tokens[0] for call in runner.calls if call.kind == "prefill"][1:]
+    # a has two prompts and b one: b's chunks come every other turn, not every third.
+    assert starts[:6] == [20, 60, 40, 64, 24, 68]
+
+
+def test_a_keystroke_s_prompt_goes_before_a_long_one():
+    runner = ScriptedRunner(slots=3, prefill_cost=2)
+    runner.hold()
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        decoding = engine.submit(Request([1], max_new_tokens=12, owner="a"))
+        runner.wait_for_step()
+        long = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="b"))
+        keystroke = engine.submit(Request([40, 41], max_new_tokens=1, owner="c"))
+        runner.run_freely()
+        for handle in (decoding, long, keystroke):
+            handle.result(10)
+    assert prefilled(runner)[:3] == [[1], [40, 41], [20, 21, 22, 23]]
+
+
+def test_a_long_prompt_alone_is_prefilled_in_the_largest_pieces():
+    runner = ScriptedRunner(slots=2, max_len=1024)
+    prompt = [n % 50 + 1 for n in range(600)]
+    with running(scripted_engine(runner, prefill_chunk=4)) as engine:
+        assert engine.generate(Request(prompt, max_new_tokens=1), 10).finish_reason == "length"
+    assert [len(tokens) for tokens in prefilled(runner)] == [256, 256, 88]
+
+
+def test_a_prompt_is_made_only_for_a_request_that_leaves_the_queue():
+    made = []
+
+    def prompt(ids: list[int]):
+        return lambda: made.append(ids) or ids
+
+    runner = ScriptedRunner(slots=1)
+    runner.hold()
+    with running(scripted_engine(runner, max_queued=1)) as engine:
+        busy = engine.submit(Request([], max_new_tokens=2, owner="a", prompt=prompt([1])))
+        runner.wait_for_step()
+        waiting = [
+            engine.submit(Request([], max_new_tokens=1, owner="a", prompt=prompt([n])))
+            for n in (2, 3, 4)
+        ]
+        runner.run_freely()
+        reasons = [h.result(10).finish_reason for h in [busy, *waiting]]
+    assert reasons == ["length", "superseded", "superseded", "length"]
+    assert made == [[1], [4]]
+
+
+def test_a_request_whose_prompt_is_being_made_is_not_pushed_out_by_newer_ones():
+    """Newer requests keep coming while each prompt is made (a client keeping many in
+    flight): the one being admitted is served, not superseded after its prompt was made."""
+    engine = scripted_engine(ScriptedRunner(slots=2), max_queued=1)
+
+    def prompt(n: int):
+        def make() -> list[int]:
+            if n < 5:  # the next request arrives while this prompt is being made
+                later.append(engine.submit(Request([], 1, owner="a", prompt=prompt(n + 1))))
+            return [n]
+
+        return make
+
+    with running(engine):
+        later = [engine.submit(Request([], 1, owner="a", prompt=prompt(1)))]
+        reasons = [later[n].result(10).finish_reason for n in range(5)]
+    assert reasons == ["length"] * 5
+
+
+class FailingRunner(ScriptedRunner):
+    """Fails to prefill any prompt that holds the token 99."""
+
+    def prefill(self, cache, slot, tokens, start):
+        if 99 in tokens:
+            raise RuntimeError("the device is on fire")
+        return super().prefill(cache, slot, tokens, start)
+
+
+def test_a_request_that_fails_is_answered_with_the_error_logged_once(caplog):
+    def stop(text: str) -> bool:
+        raise ZeroDivisionError("a stop rule divided by zero")
+
+    with running(scripted_engine(FailingRunner())) as engine, caplog.at_level(logging.ERROR):
+
+        def prompt() -> list[int]:
+            raise ValueError("the tokenizer choked")
+
+        failing = [
+            engine.submit(Request([99], max_new_tokens=2)),
+            engine.submit(Request([7], max_new_tokens=2, stop=stop)),
+            engine.submit(Request([], max_new_tokens=2, prompt=prompt)),
+        ]
+        causes = ("on fire", "divided by zero", "choked")
+        for handle, cause in zip(failing, causes, strict=True):
+            with pytest.raises(RequestError, match=cause):
+                handle.result(10)
+        # The engine goes on serving, and the slots came back.
+        for _ in range(3):
+            assert engine.generate(Request([5], max_new_tokens=2), timeout=10).tokens == [6, 7]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3, [r.getMessage() for r in errors]
 
 
 # --- on the test checkpoint ----------------------------------------------------------------

@@ -8,6 +8,7 @@ Every test runs on Debian's Neovim (0.7.2: the suggestion drawn over the line) a
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -312,10 +313,11 @@ def test_a_remote_server_with_a_token(
         options = {"host": "localhost", "token": token, "tls": True, "tls_ca": str(cert)}
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [*SERVER, "--tcp", "--port", "0", "--token", token, "--model", str(tiny_mqa_dir), *extra],
+        [*SERVER, "--tcp", "--port", "0", "--model", str(tiny_mqa_dir), *extra],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
+        env={**os.environ, "STARCODER_LSP_TOKEN": token},
     )
     try:
         listening = server.stdout.readline()

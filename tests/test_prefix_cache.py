@@ -98,3 +98,18 @@ def test_releasing_twice_is_an_error():
     cache.release(lease, [1])
     with pytest.raises(ValueError, match="released twice"):
         cache.release(lease, [1])
+
+
+def test_a_prompt_that_shares_only_a_few_tokens_evicts_the_oldest_slot_not_the_newest():
+    """Every FIM prompt starts with the same special tokens: sharing those is no reason to
+    throw away a slot that holds a long prompt someone is typing into."""
+    cache = PrefixCache(slots=3)
+    typed = [1, 2] + list(range(100, 200))
+    for tokens in ([1, 2] + [7] * 10, [1, 2] + [8] * 10, typed):  # the last: most recent
+        cache.release(cache.acquire(tokens), tokens)
+    oldest = cache_slot_of(cache, [1, 2] + [7] * 10)
+    other = cache.acquire([1, 2] + list(range(500, 600)))
+    assert other.slot == oldest and other.reuse == 2
+    cache.release(other, [1, 2] + list(range(500, 600)))
+    keystroke = cache.acquire(typed + [201])
+    assert keystroke.slot == cache_slot_of(cache, typed) and keystroke.reuse == len(typed)

@@ -6,9 +6,12 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+
+from starcoder_lsp.limits import Limits, flag
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
@@ -44,6 +47,10 @@ def test_a_readme_example_runs(index, tiny_mqa_dir, tmp_path):
 NO_JAX = [
     "starcoder_lsp.server",
     "starcoder_lsp.transport",
+    "starcoder_lsp.backend",
+    "starcoder_lsp.documents",
+    "starcoder_lsp.positions",
+    "starcoder_lsp.limits",
     "starcoder_lsp.completer",
     "starcoder_lsp.prompt",
     "starcoder_lsp.postprocess",
@@ -66,3 +73,9 @@ def test_the_language_side_imports_no_jax():
         [sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=120
     )
     assert ran.stdout.strip() == "[]"
+
+
+def test_the_readme_documents_every_limit():
+    readme = (REPO / "README.md").read_text()
+    for field in fields(Limits):
+        assert f"`{flag(field.name)}`" in readme, field.name

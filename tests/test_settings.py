@@ -100,3 +100,22 @@ def test_the_settings_command_prints_the_schema():
         check=True,
     )
     assert json.loads(printed.stdout) == json_schema()
+
+
+def test_settings_that_cannot_fit_the_model_s_context_are_refused():
+    with pytest.raises(SettingsError, match="maxNewTokens 4000 leaves no room .* 512 tokens"):
+        Settings(max_new_tokens=4000).check_context(512)
+    with pytest.raises(SettingsError, match="exceed the model's context of 512 tokens"):
+        Settings(prefix_tokens=400, suffix_tokens=100).check_context(512)
+    with pytest.raises(SettingsError, match="prefixTokens 1000"):
+        Settings(prefix_tokens=1000).check_context(512)
+    Settings(prefix_tokens=400, suffix_tokens=44).check_context(512)  # 400 + 44 + 64 + 4
+
+
+def test_a_budget_not_set_takes_its_share_of_what_is_left():
+    # 512 - 64 new - 4 special tokens = 444: by default 3/4 before the cursor, 1/4 after.
+    assert Settings().budgets(512) == (333, 111)
+    assert Settings(prefix_tokens=400).budgets(512) == (400, 44)
+    assert Settings(suffix_tokens=200).budgets(512) == (244, 200)
+    assert Settings(prefix_tokens=0).budgets(512) == (0, 111)  # 0 is none, not the default
+    assert Settings().budgets(512, max_new_tokens=128) == (285, 95)

@@ -335,10 +335,12 @@ describe(
         execFileSync('openssl', certificate, { stdio: 'ignore' });
         // prettier-ignore
         const serve = [
-      'serve', '--tcp', '--port', '0', '--token', secret, '--tls-cert', cert, '--tls-key', key,
+      'serve', '--tcp', '--port', '0', '--tls-cert', cert, '--tls-key', key,
       '--model', testModel(), '--log-level', 'WARNING',
     ];
-        server = spawn(SERVER, serve, { stdio: ['ignore', 'pipe', 'inherit'] });
+        // The token travels in the environment: on the command line every user would see it.
+        const env = { ...process.env, STARCODER_LSP_TOKEN: secret };
+        server = spawn(SERVER, serve, { stdio: ['ignore', 'pipe', 'inherit'], env });
         port = await new Promise<number>((resolve, reject) => {
           let seen = '';
           server.stdout?.on('data', (chunk: Buffer) => {
