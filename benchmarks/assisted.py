@@ -101,8 +101,9 @@ def step_costs(model: Path, repeats: int) -> dict[str, float]:
         if k == 1:
 
             def decode(runner: Runner = runner, state: dict = state) -> None:
+                # A plain step as the engine takes it: the model's step, then its token.
                 logits, state["cache"] = runner.decode(state["cache"], [0], [7], [len(prompt)])
-                logits.block_until_ready()
+                runner.sample(logits, greedy, key)
 
             cases["decode"] = decode
     return alternating(cases, repeats)

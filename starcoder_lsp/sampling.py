@@ -73,8 +73,14 @@ def distribution(logits: jax.Array, s: Sampling) -> jax.Array:
     flat = logits.reshape(b * t, vocab).astype(jnp.float32)
     rows = Sampling(*(jnp.repeat(jnp.asarray(v), t) for v in s))
     greedy = jax.nn.one_hot(jnp.argmax(flat, axis=-1), vocab, dtype=jnp.float32)
-    sampled = jax.nn.softmax(_filtered(flat, rows), axis=-1)
-    probs = jnp.where((rows.temperature > 0)[:, None], sampled, greedy)
+
+    def sampled() -> jax.Array:
+        filtered = jax.nn.softmax(_filtered(flat, rows), axis=-1)
+        return jnp.where((rows.temperature > 0)[:, None], filtered, greedy)
+
+    # As in `sample`: the sort over the vocabulary, for each of the t positions, is skipped
+    # when every row is greedy (it took longer than the model's step that verified them).
+    probs = jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda: greedy)
     return probs.reshape(b, t, vocab)
 
 

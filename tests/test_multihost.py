@@ -85,7 +85,12 @@ async def test_two_processes_suggest_what_one_does_and_stop_when_one_dies(
     follower = _start(tiny_mqa_dir, tmp_path / "follower.log", 4, *join, "--process-id", "1")
     try:
         port = _port(leader, tmp_path / "leader.log")
-        assert await _replay(port) == expected
+        try:
+            assert await _replay(port) == expected
+        except BaseException:
+            for name in ("leader.log", "follower.log"):  # what each process did, to see why
+                print(f"--- {name}\n{(tmp_path / name).read_text()[-4000:]}", file=sys.stderr)
+            raise
 
         # A follower that dies: the leader answers with errors, then ends, within seconds.
         client = await WireClient.tcp(port)

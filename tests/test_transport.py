@@ -128,7 +128,9 @@ async def test_a_client_that_does_not_read_its_replies_is_not_read_from(small_li
         while True:
             await asyncio.wait_for(flooder.read(), 10)
             replies += 1
-    assert 0 < replies < count
+    # Not every reply arrives: the server closes a socket it has not read to the end, which
+    # resets it, and a reset drops what the client had not read yet (all of it, on a slow day).
+    assert replies < count
 
 
 # --- the token -------------------------------------------------------------------------------
