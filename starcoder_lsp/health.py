@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,12 +47,11 @@ class HealthServer:
     def __init__(self, backend: Backend, host: str, port: int) -> None:
         handler = type("Handler", (_Handler,), {"backend": backend})
         try:
-            self._http = ThreadingHTTPServer((host, port), handler)
+            self._http = _Server((host, port), handler)
         except OSError as e:  # the port is taken, the address is not ours, ...
             raise StarcoderError(
                 f"cannot listen on {host}:{port} for health checks: {e.strerror or e}"
             ) from None
-        self._http.daemon_threads = True
         self._thread = threading.Thread(
             target=self._http.serve_forever, name="starcoder-health", daemon=True
         )
@@ -72,6 +72,19 @@ class HealthServer:
     def close(self) -> None:
         self._http.shutdown()
         self._http.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        # HAProxy ends each check with a reset once it has read the status line, often before
+        # the body is written: that is how checks end, not an error (socketserver would print
+        # a traceback to stderr for every check).
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("health check from %s: %s", client_address, sys.exc_info()[1])
+            return
+        log.exception("health check from %s failed", client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

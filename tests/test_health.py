@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -103,6 +105,21 @@ def test_a_taken_port_is_refused_at_once(checks: tuple[Backend, HealthServer]) -
     port = int(server.url.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(Exception, match=f"cannot listen on 127.0.0.1:{port} for health checks"):
         HealthServer(backend, "127.0.0.1", port)
+
+
+def test_checks_that_end_with_a_reset_print_nothing(
+    checks: tuple[Backend, HealthServer], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """HAProxy resets each check's connection once it has the status line: no traceback on
+    stderr for that, at every check of every replica."""
+    _, server = checks
+    host, port = server.url.split("//")[1].split("/")[0].rsplit(":", 1)
+    for _ in range(20):
+        with socket.create_connection((host, int(port))) as check:
+            check.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+            check.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert get(server)[0] == 503  # still answering
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_health_port_needs_tcp() -> None:
