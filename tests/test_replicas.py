@@ -1,8 +1,8 @@
 """More users than one host serves: independent replicas behind a TCP load balancer.
 
 Two `starcoder-lsp serve --tcp --health-port 0` replicas on a random checkpoint, behind
-Debian's HAProxy on loopback (mode tcp, leastconn, `option httpchk GET /health`), as the
-README's "Replicas behind a load balancer" sets them up. Clients through the balancer are
+Debian's HAProxy on loopback with the configuration of the README's "Replicas behind a load
+balancer" (mode tcp, leastconn, `option httpchk GET /health`). Clients through the balancer are
 spread over both and all served. Then the replica the editors are on is killed: the Neovim
 plugin (on 0.7.2 and 0.11.4) and the VS Code extension (in a real VS Code, driven as
 tests/test_vscode_real.py drives it) say "reconnecting", reconnect through the balancer to the
@@ -20,6 +20,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,32 +44,30 @@ SERVER = [sys.executable, "-m", "starcoder_lsp", "serve", "--log-level", "INFO"]
 TOKEN = "replica-token"  # replicas that listen off loopback need one; the editors must resend it
 SPREAD_CLIENTS = 4
 
-# What the README's example says, with loopback addresses, ports chosen here and health checks
-# every 300 ms (the README's: every 2 s) so that the test need not wait for them.
-HAPROXY_CONFIG = """\
-global
-    stats socket {admin} level admin
+README = Path(__file__).resolve().parent.parent / "README.md"
 
-defaults
-    mode tcp
-    timeout connect 2s
-    # LSP connections are long-lived and idle between keystrokes.
-    timeout client 1h
-    timeout server 1h
-    # A replica that refuses the connection: try another.
-    retries 2
-    option redispatch
 
-frontend lsp
-    bind 127.0.0.1:{port}
-    default_backend replicas
-
-backend replicas
-    balance leastconn
-    option httpchk GET /health
-    default-server inter 300ms fall 1 rise 1
-{servers}
-"""
+def haproxy_config(admin: Path, port: int, replicas: list[Replica]) -> str:
+    """The README's HAProxy example (under "Replicas behind a load balancer"), run as it is but
+    for the addresses: loopback, the ports chosen here, and health checks every 300 ms (the
+    README's: every 2 s) so that the test need not wait for them."""
+    example = re.search(r"```\n(defaults\n.*?)```", README.read_text(), re.S)
+    assert example, "README.md has no HAProxy example"
+    config = example.group(1)
+    for old, new in (
+        ("    bind :2087\n", f"    bind 127.0.0.1:{port}\n"),
+        (
+            "    default-server check port 2088 inter 2s fall 2 rise 1\n",
+            "    default-server inter 300ms fall 1 rise 1\n",
+        ),
+    ):
+        assert old in config, f"the README's example has changed: {old!r} is not in it"
+        config = config.replace(old, new)
+    config = re.sub(r"    server gpu.*\n", "", config)
+    servers = "".join(
+        f"    server {r.name} 127.0.0.1:{r.port} check port {r.health_port}\n" for r in replicas
+    )
+    return f"global\n    stats socket {admin} level admin\n\n{config}{servers}"
 
 
 @dataclass
@@ -161,13 +160,8 @@ class Balancer:
             pytest.fail("HAProxy is not installed: ./setup.sh installs Debian's haproxy")
         self.admin_socket = directory / "haproxy.sock"
         self.port = free_port()
-        servers = "\n".join(
-            f"    server {r.name} 127.0.0.1:{r.port} check port {r.health_port}" for r in replicas
-        )
         config = directory / "haproxy.cfg"
-        config.write_text(
-            HAPROXY_CONFIG.format(admin=self.admin_socket, port=self.port, servers=servers)
-        )
+        config.write_text(haproxy_config(self.admin_socket, self.port, replicas))
         self.log = directory / "haproxy.log"
         self.process = subprocess.Popen(
             [haproxy, "-f", str(config), "-db"],

@@ -3,9 +3,16 @@
 // whole extension reconnecting through HAProxy, in a real VS Code: tests/test_replicas.py.
 import assert from 'node:assert/strict';
 import * as net from 'node:net';
-import { describe, test } from 'node:test';
+import { afterEach, describe, test } from 'node:test';
 
-import { RETRY_FIRST_MS, RETRY_MAX_MS, RemoteLink, retryDelay, type RetryEvent } from '../src/connection';
+import {
+  RETRY_FIRST_MS,
+  RETRY_MAX_MS,
+  RemoteLink,
+  retryDelay,
+  type LinkEvents,
+  type RetryEvent,
+} from '../src/connection';
 import { DEFAULT_SETTINGS } from '../src/options';
 
 function sleep(ms: number): Promise<void> {
@@ -21,9 +28,33 @@ async function freePort(): Promise<number> {
   return port;
 }
 
+// What a test opened, closed after it whether it passed or not (an open server or timer would
+// keep the test process from ending).
+const cleanups: (() => Promise<unknown> | void)[] = [];
+
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) {
+    await cleanup();
+  }
+});
+
 function listen(port: number, onConnection: (socket: net.Socket) => void): Promise<net.Server> {
-  const server = net.createServer(onConnection);
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    onConnection(socket);
+  });
+  cleanups.push(() => {
+    sockets.forEach((socket) => socket.destroy());
+    return new Promise((resolve) => server.close(resolve));
+  });
   return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)));
+}
+
+function openLink(port: number, events: LinkEvents, reconnecting = false): RemoteLink {
+  const made = new RemoteLink(remote(port), events, reconnecting);
+  cleanups.push(() => made.dispose());
+  return made;
 }
 
 async function waitFor<T>(what: string, check: () => T | undefined, timeoutMs = 10_000): Promise<T> {
@@ -56,7 +87,7 @@ describe('a remote link', () => {
     const port = await freePort();
     const retries: RetryEvent[] = [];
     let connected = 0;
-    const link = new RemoteLink(remote(port), {
+    const link = openLink(port, {
       retry: (event) => retries.push(event),
       connected: () => (connected += 1),
     });
@@ -109,35 +140,32 @@ describe('a remote link', () => {
     await sleep(700);
     assert.equal(retries.length, 2);
     assert.equal(sockets.length, 1);
-    await new Promise((resolve) => server.close(resolve));
   });
 
   test('after a drop, the first try waits too', async () => {
     const port = await freePort();
     const accepted: number[] = [];
-    const server = await listen(port, (socket) => {
+    await listen(port, (socket) => {
       accepted.push(Date.now());
       socket.resume(); // reading, so that it sees the link close
       socket.write('hello');
     });
     const created = Date.now();
-    const link = new RemoteLink(remote(port), { retry: () => undefined }, true);
+    openLink(port, { retry: () => undefined }, true);
     await waitFor('a connection', () => accepted.length > 0);
     assert.ok(accepted[0] - created >= RETRY_FIRST_MS - 50, `${accepted[0] - created} ms`);
-    link.dispose();
-    await new Promise((resolve) => server.close(resolve));
   });
 
   test('disposed, it tries no more and leaves the reader open', async () => {
     const port = await freePort();
     const retries: RetryEvent[] = [];
-    const link = new RemoteLink(remote(port), { retry: (event) => retries.push(event) });
+    const link = openLink(port, { retry: (event) => retries.push(event) });
     let readerClosed = false;
     link.reader.on('close', () => (readerClosed = true));
     await waitFor('a refused try', () => retries.length === 1);
     link.dispose();
     let accepted = 0;
-    const server = await listen(port, (socket) => {
+    await listen(port, (socket) => {
       accepted += 1;
       socket.destroy();
     });
@@ -145,6 +173,5 @@ describe('a remote link', () => {
     assert.equal(accepted, 0);
     assert.equal(retries.length, 1);
     assert.equal(readerClosed, false);
-    await new Promise((resolve) => server.close(resolve));
   });
 });
