@@ -202,16 +202,24 @@ const sessions = new WeakMap<LanguageClient, Session>();
 async function stop(): Promise<void> {
   const stopping = client;
   client = undefined;
-  const session = stopping && sessions.get(stopping);
+  if (!stopping) {
+    return;
+  }
+  const session = sessions.get(stopping);
   if (session) {
-    // No more tries. A client still waiting for its first answer is left waiting: it cannot
-    // be stopped while it starts, and ending its streams would show an error for nothing.
-    session.stopped = true;
-    session.link?.dispose();
+    session.stopped = true; // its connection closing no longer restarts it
   }
-  if (stopping?.isRunning()) {
-    await stopping.stop();
+  if (stopping.isRunning()) {
+    try {
+      await stopping.stop(); // shutdown and exit, over the connection: keep it till then
+    } catch (error) {
+      // No answer to shutdown (the connection was going): the restart goes on all the same.
+      output.warn(`stopping the server: ${errorMessage(error)}`);
+    }
   }
+  // No more tries. A client still waiting for its first answer is left waiting: it cannot be
+  // stopped while it starts, and ending its streams would show an error for nothing.
+  session?.link?.dispose();
 }
 
 async function restart(): Promise<void> {
