@@ -425,6 +425,7 @@ def test_editors_reconnect_through_the_balancer_when_their_replica_dies(
         assert results["reconnecting"] == "StarCoder: reconnecting", where
         assert results["reconnected"] == "StarCoder: ready", where
         assert results["after"]["ghost"], where
+        assert results["restarted"]["ghost"], where  # and after "Restart the server"
         assert not [n for n in results["notifications"] if "rror" in n or "couldn't" in n], results
         # What the output channel says: the drop, and no error.
         output = vscode.output_channel()

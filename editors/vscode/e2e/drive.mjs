@@ -7,9 +7,10 @@
 //   node drive.mjs CONFIG.json
 //
 // CONFIG: { codeServer, vsix, userDataDir, extensionsDir, workspace, screenshots, results,
-//           chromium, wireLog, bracketCalls }, or with flow: 'reconnect' and markers (a folder),
-//           a remote server's connection lost and made again (see reconnect()). Each step leaves a screenshot in `screenshots`; a failed step also
-// leaves failed-<step>.png, and the script exits 1 with the reason on stderr.
+//           chromium, wireLog, bracketCalls }; or, with flow: 'reconnect' and markers (a
+//           folder), a remote server's connection lost and made again (see reconnect()).
+// Each step leaves a screenshot in `screenshots`; a failed step also leaves failed-<step>.png,
+// and the script exits 1 with the reason on stderr.
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -254,7 +255,8 @@ function mark(name) {
 /**
  * A remote server behind a load balancer (tests/test_replicas.py): a suggestion; the server's
  * replica is killed and none takes the connection for a while: the status bar item says
- * reconnecting; another is let in: ready again, and suggestions again.
+ * reconnecting; another is let in: ready again, and suggestions again; and again after
+ * "Restart the server".
  * @param {import('playwright-core').Page} page
  */
 async function reconnect(page) {
@@ -287,6 +289,18 @@ async function reconnect(page) {
 
   await step(page, 'ghost-text-again', async () => {
     results.after = await typeUntilGhostText(page, 'abcdefgh');
+  });
+  await page.keyboard.press('Escape');
+
+  // Restarting by hand stops the remote client cleanly and connects again.
+  await step(page, 'restarted', async () => {
+    await runCommand(page, 'StarCoder: Restart the server');
+    await waitFor(
+      'the status bar item to say ready',
+      async () => /ready/.test(await statusLabel(page)),
+      60000,
+    );
+    results.restarted = await typeUntilGhostText(page, 'ijklmnop');
   });
   // Messages VS Code showed meanwhile (their text, as notifications toasts show it).
   results.notifications = await page.evaluate(() =>
