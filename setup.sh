@@ -9,7 +9,8 @@ python3 -m venv .venv
 
 # The editor clients' tests, from Debian: Neovim (bookworm's 0.7.2), Node.js and npm for the
 # VS Code extension, openssl for the TLS tests, tmux to read a terminal's screen, Chromium and
-# a monospace font to draw screens as pictures (and to drive VS Code).
+# a monospace font to draw screens as pictures (and to drive VS Code), HAProxy to put replicas
+# behind a load balancer.
 missing=""
 command -v nvim >/dev/null || missing="$missing neovim"
 command -v node >/dev/null || missing="$missing nodejs"
@@ -17,6 +18,7 @@ command -v npm >/dev/null || missing="$missing npm"
 command -v openssl >/dev/null || missing="$missing openssl"
 command -v tmux >/dev/null || missing="$missing tmux"
 command -v chromium >/dev/null || missing="$missing chromium"
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf ] || missing="$missing fonts-dejavu-core"
 if [ -n "$missing" ]; then
     sudo=""

@@ -398,6 +398,13 @@ def _add_serve(subparsers: Subparsers) -> None:
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="with --tcp: answer HTTP GET /health on --host:PORT, 200 once the model is "
+        "loaded, else 503, for a load balancer's checks (0 picks a free port)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -430,6 +437,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from starcoder_lsp import transport
+    from starcoder_lsp.health import HealthServer
     from starcoder_lsp.server import Backend
     from starcoder_lsp.settings import Settings
 
@@ -451,8 +459,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         # Refuse a bad address, token or certificate before loading the model.
         tls = transport.tls_context(args.tls_cert, args.tls_key)
         transport.check_exposure(args.host, token)
-    elif args.tls_cert or args.tls_key or args.token_file:
-        raise StarcoderError("--token-file and --tls-cert/--tls-key apply to --tcp only")
+    elif args.tls_cert or args.tls_key or args.token_file or args.health_port is not None:
+        raise StarcoderError(
+            "--token-file, --tls-cert/--tls-key and --health-port apply to --tcp only"
+        )
 
     wrap_runner = None
     if args.coordinator is not None or args.num_processes is not None:
@@ -464,13 +474,22 @@ def _run_serve(args: argparse.Namespace) -> int:
         options = _model_options(args, args.cache_slots, server_limits)
         return _build_completer(options, warmup=True, progress=progress, wrap_runner=wrap_runner)
 
-    backend = Backend(load, args.model, settings).start()
+    backend = Backend(load, args.model, settings)
+    # Bound before the model loads, so that a taken port fails at once; answers 503 till then.
+    checks = (
+        None if args.health_port is None else HealthServer(backend, args.host, args.health_port)
+    )
+    backend.start()
     try:
+        if checks is not None:
+            checks.start()
         if args.tcp:
             transport.serve_tcp(backend, args.host, args.port, token, tls, limits=server_limits)
         else:
             transport.serve_stdio(backend, server_limits)
     finally:
+        if checks is not None:
+            checks.close()
         backend.close()
     return 0
 

@@ -6,12 +6,15 @@ keymaps. Expected values are worked out by hand in the comments."""
 
 from __future__ import annotations
 
+import re
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pynvim
 import pytest
-from nvim_headless import bare_nvim
+from nvim_headless import VERSIONS, bare_nvim
 
 # 'x = "é𝔘" + ': é is 2 bytes and 1 UTF-16 unit, 𝔘 4 bytes and 2 units (1 in UTF-32).
 # Bytes: 5 + 2 + 4 + 4 = 15; UTF-16 units: 5 + 1 + 2 + 4 = 12; UTF-32: 5 + 1 + 1 + 4 = 11.
@@ -325,3 +328,41 @@ def test_keymaps_accept_a_suggestion_and_keep_the_key_without_one(nvim):
     # A suggestion shown at the cursor: <Tab> inserts it.
     result = lua(nvim, KEYS, keys, f"ifoo{SHOW}<Tab><Esc>", items)
     assert result["line"] == "foobar()"
+
+
+def test_client_retry_delays_double_from_half_a_second_to_thirty(nvim):
+    delays = lua(
+        nvim,
+        "return vim.tbl_map(require('starcoder.client').retry_delay, ...)",
+        [1, 2, 3, 4, 6, 7, 20],
+    )
+    assert delays == [500, 1000, 2000, 4000, 16000, 30000, 30000]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_remote_server_that_refuses_is_retried_quietly_then_reported_once(version, tmp_path):
+    """Nothing listens on the port: the plugin keeps trying with backoff, status() says so, and
+    one message says so after three tries, not one per try (Neovim 0.11's own TCP client would
+    print "Could not connect" at every try, and its client would never end)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with bare_nvim(version) as nvim:
+        nvim.command("runtime plugin/starcoder.lua")
+        lua(nvim, "require('starcoder').setup({ host = '127.0.0.1', port = ... })", port)
+        nvim.command(f"edit {tmp_path / 'a.py'}")
+        statuses = set()
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            statuses.add(lua(nvim, "return require('starcoder').status()"))
+            time.sleep(0.05)
+        messages = nvim.command_output("messages")
+        stats = lua(nvim, "local s, e = require('starcoder').stats(100) return { s or false, e }")
+        lua(nvim, "require('starcoder.client').stop()")
+    assert statuses == {"connecting"}, statuses  # "reconnecting" is for a connection that was
+    # 0.5 + 1 + 2 s: the third try failed, the fourth waits 4 s; one message.
+    assert messages.count(f"starcoder: cannot reach 127.0.0.1:{port}") == 1, messages
+    assert "ECONNREFUSED" in messages, messages
+    assert "Could not connect" not in messages and "quit with exit code" not in messages, messages
+    assert stats[0] is False
+    assert re.match(rf"connecting to 127.0.0.1:{port} \(try \d\): .*ECONNREFUSED", stats[1]), stats

@@ -60,6 +60,7 @@ NO_JAX = [
     "starcoder_lsp.stopping",
     "starcoder_lsp.request",
     "starcoder_lsp.cli",
+    "starcoder_lsp.health",
 ]
 
 

@@ -1,6 +1,6 @@
 """The VS Code extension (editors/vscode): it compiles, packages into a .vsix, and its Node
 tests read its settings as package.json declares them and drive a real `starcoder-lsp serve`
-with the extension's own messages.
+with the extension's own messages; its remote link retries as a load balancer makes it.
 
 Needs Node.js and npm (./setup.sh installs them and runs `npm ci`); no VS Code download."""
 
@@ -42,6 +42,13 @@ def test_the_extension_reads_its_settings_from_package_json(compiled: Path) -> N
 def test_the_extension_logs_stderr_lines_at_their_level(compiled: Path) -> None:
     output = run("node", "--test", "out/test/serverLog.test.js")
     assert "# fail 0" in output and "# pass 2" in output, output
+
+
+def test_the_remote_link_retries_until_the_server_answers(compiled: Path) -> None:
+    """Refused, then closed by a balancer with no replica up, then answered: the client's
+    initialize is sent again and it sees only the answer; a drop after that ends the reader."""
+    output = run("node", "--test", "out/test/connection.test.js")
+    assert "# fail 0" in output and "# pass 4" in output, output
 
 
 def test_the_extension_messages_against_the_server(compiled: Path, tiny_mqa_dir: Path) -> None:

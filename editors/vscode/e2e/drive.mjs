@@ -7,8 +7,10 @@
 //   node drive.mjs CONFIG.json
 //
 // CONFIG: { codeServer, vsix, userDataDir, extensionsDir, workspace, screenshots, results,
-//           chromium, wireLog, bracketCalls }. Each step leaves a screenshot in `screenshots`; a failed step also
-// leaves failed-<step>.png, and the script exits 1 with the reason on stderr.
+//           chromium, wireLog, bracketCalls }; or, with flow: 'reconnect' and markers (a
+//           folder), a remote server's connection lost and made again (see reconnect()).
+// Each step leaves a screenshot in `screenshots`; a failed step also leaves failed-<step>.png,
+// and the script exits 1 with the reason on stderr.
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -241,6 +243,73 @@ async function runCommand(page, title) {
   await page.keyboard.press('Enter');
 }
 
+/**
+ * Touches `name` in config.markers: tests/test_replicas.py waits for these to kill a replica
+ * and to bring the other one in.
+ * @param {string} name
+ */
+function mark(name) {
+  fs.writeFileSync(path.join(config.markers, name), '');
+}
+
+/**
+ * A remote server behind a load balancer (tests/test_replicas.py): a suggestion; the server's
+ * replica is killed and none takes the connection for a while: the status bar item says
+ * reconnecting; another is let in: ready again, and suggestions again; and again after
+ * "Restart the server".
+ * @param {import('playwright-core').Page} page
+ */
+async function reconnect(page) {
+  await step(page, 'remote-ghost-text', async () => {
+    await open(page, 'greeting.py');
+    await goToLineEnd(page, 6);
+    results.before = await typeUntilGhostText(page, 'rxyzqwvk');
+  });
+  await page.keyboard.press('Escape');
+  mark('suggested');
+
+  await step(page, 'reconnecting', async () => {
+    await waitFor(
+      'the status bar item to say reconnecting',
+      async () => /reconnecting/.test(await statusLabel(page)),
+      60000,
+    );
+    results.reconnecting = await statusLabel(page);
+  });
+  mark('reconnecting');
+
+  await step(page, 'reconnected', async () => {
+    await waitFor(
+      'the status bar item to say ready again',
+      async () => /ready/.test(await statusLabel(page)),
+      60000,
+    );
+    results.reconnected = await statusLabel(page);
+  });
+
+  await step(page, 'ghost-text-again', async () => {
+    results.after = await typeUntilGhostText(page, 'abcdefgh');
+  });
+  await page.keyboard.press('Escape');
+
+  // Restarting by hand stops the remote client cleanly and connects again.
+  await step(page, 'restarted', async () => {
+    await runCommand(page, 'StarCoder: Restart the server');
+    await waitFor(
+      'the status bar item to say ready',
+      async () => /ready/.test(await statusLabel(page)),
+      60000,
+    );
+    results.restarted = await typeUntilGhostText(page, 'ijklmnop');
+  });
+  // Messages VS Code showed meanwhile (their text, as notifications toasts show it).
+  results.notifications = await page.evaluate(() =>
+    [...document.querySelectorAll('.notification-toast .notification-list-item-message')].map(
+      (element) => element.textContent ?? '',
+    ),
+  );
+}
+
 async function main() {
   fs.mkdirSync(config.screenshots, { recursive: true });
   let started = Date.now();
@@ -270,6 +339,11 @@ async function main() {
       );
       results.status = await statusLabel(page);
     });
+
+    if (config.flow === 'reconnect') {
+      await reconnect(page);
+      return;
+    }
 
     await step(page, 'ghost-text', async () => {
       await open(page, 'greeting.py');

@@ -5,16 +5,19 @@
 import * as readline from 'node:readline';
 import * as vscode from 'vscode';
 import {
+  CloseAction,
   DidChangeConfigurationNotification,
+  ErrorAction,
   ExecuteCommandRequest,
   LanguageClient,
   State,
+  type ErrorHandler,
   type LanguageClientOptions,
   type ServerOptions,
   type StreamInfo,
 } from 'vscode-languageclient/node';
 
-import { connect } from './connection';
+import { RETRY_MAX_MS, RemoteLink, type RetryEvent } from './connection';
 import {
   CONNECTION_KEYS,
   GENERATE_DOCSTRING,
@@ -36,29 +39,107 @@ let client: LanguageClient | undefined;
 let status: StatusItem;
 let output: vscode.LogOutputChannel;
 
+/**
+ * One started client and its remote connection. A remote server that goes away (a replica
+ * behind a load balancer restarts or fails, the network drops) is connected to again, with
+ * backoff, for as long as the client is not stopped: vscode-languageclient restarts the client
+ * (our error handler says so, without its limit of a few restarts), which sends `initialize`
+ * with the settings of now and opens the open documents again.
+ */
+interface Session {
+  where: string;
+  link?: RemoteLink;
+  /** A connection that had been made ended: the next ones are reconnections. */
+  reconnecting: boolean;
+  /** The server refused `initialize` (a wrong token): trying again would not help. */
+  refused: boolean;
+  /** A message said the server cannot be reached: say when it can again. */
+  warned: boolean;
+  /** Stopped on purpose (a restart, new settings, VS Code closing): no more tries. */
+  stopped: boolean;
+}
+
+/** This many failed tries in a row (about 3.5 s) are worth a message; fewer pass silently. */
+const WARN_AFTER_TRIES = 3;
+
 function settings(): Settings {
   const configuration = vscode.workspace.getConfiguration('starcoder');
   return readSettings((key, defaultValue) => configuration.get(key, defaultValue));
 }
 
-function serverOptions(s: Settings): ServerOptions {
+function onRetry(session: Session, event: RetryEvent): void {
+  const next = `next try in ${Math.round(event.delayMs / 100) / 10} s`;
+  const detail = `${event.reason}\n(try ${event.attempt}, ${next})`;
+  if (session.reconnecting) {
+    status.show('reconnecting', `reconnecting to ${session.where}: ${detail}`);
+  } else {
+    status.show('starting', `connecting to ${session.where}: ${detail}`);
+  }
+  if (event.attempt === WARN_AFTER_TRIES && !session.warned) {
+    session.warned = true;
+    const every = `trying again, at most every ${RETRY_MAX_MS / 1000} s`;
+    void vscode.window.showWarningMessage(
+      `StarCoder: cannot reach ${session.where} (${event.reason}); ${every}. ` +
+        'Check starcoder.remote.* (host, port, token, TLS) if this lasts.',
+    );
+  }
+}
+
+function serverOptions(s: Settings, session: Session): ServerOptions {
   if (isRemote(s)) {
+    // Called again at each restart of the client: a new link, whose first try waits when a
+    // connection just dropped.
     return async (): Promise<StreamInfo> => {
-      const socket = await connect(s.remote);
-      return { reader: socket, writer: socket };
+      session.link?.dispose();
+      const link = new RemoteLink(
+        s.remote,
+        { retry: (event) => onRetry(session, event) },
+        session.reconnecting,
+      );
+      session.link = link;
+      return { reader: link.reader, writer: link.writer };
     };
   }
   return serverCommand(s);
+}
+
+/** For a remote server: restart after every drop, for as long as the client is not stopped. */
+function remoteErrorHandler(session: Session): ErrorHandler {
+  return {
+    // A write to a connection that has gone: its close, below, decides.
+    error: () => ({ action: ErrorAction.Continue, handled: true }),
+    closed: () => {
+      if (session.refused || session.stopped) {
+        return { action: CloseAction.DoNotRestart, handled: true };
+      }
+      session.reconnecting = true;
+      const message = `the connection to ${session.where} ended; reconnecting`;
+      status.stop('reconnecting', message);
+      // handled: in the output channel only, not as a message (the status bar item says it).
+      return { action: CloseAction.Restart, message: `StarCoder: ${message}`, handled: true };
+    },
+  };
 }
 
 function eachLine(input: NodeJS.ReadableStream, onLine: (line: string) => void): void {
   readline.createInterface({ input, crlfDelay: Infinity, terminal: false }).on('line', onLine);
 }
 
-function clientOptions(s: Settings): LanguageClientOptions {
+function clientOptions(s: Settings, session: Session): LanguageClientOptions {
+  const remote: Partial<LanguageClientOptions> = isRemote(s)
+    ? {
+        errorHandler: remoteErrorHandler(session),
+        initializationFailedHandler: () => {
+          session.refused = true;
+          return false;
+        },
+      }
+    : {};
   return {
+    ...remote,
     documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
-    initializationOptions: initializationOptions(s),
+    // Read at every (re)start: a reconnection sends the settings of now, changes included.
+    initializationOptions: () => initializationOptions(settings()),
     outputChannel: output,
     // The server's own log arrives as window/logMessage; stderr lines keep their level
     // rather than all showing as errors.
@@ -75,21 +156,35 @@ function errorMessage(error: unknown): string {
 
 async function start(): Promise<void> {
   const s = settings();
-  const where = isRemote(s) ? `${s.remote.host}:${s.remote.port}` : serverCommand(s).command;
-  const started = new LanguageClient('starcoder', 'StarCoder', serverOptions(s), clientOptions(s));
+  const where = isRemote(s) ? `${s.remote.host.trim()}:${s.remote.port}` : serverCommand(s).command;
+  const session: Session = { where, reconnecting: false, refused: false, warned: false, stopped: false };
+  const started = new LanguageClient(
+    'starcoder',
+    'StarCoder',
+    serverOptions(s, session),
+    clientOptions(s, session),
+  );
   client = started;
+  sessions.set(started, session);
   started.onDidChangeState((event) => {
     if (client !== started) {
       return;
     }
     if (event.newState === State.Running) {
+      if (session.warned) {
+        void vscode.window.showInformationMessage(`StarCoder: connected again to ${where}.`);
+      }
+      session.reconnecting = session.warned = false;
       status.watch(started);
-    } else if (event.newState === State.Stopped) {
+    } else if (event.newState === State.Stopped && !session.reconnecting) {
       status.stop('stopped', `the connection to ${where} ended (StarCoder: Restart the server)`);
+    } else if (event.newState === State.StartFailed && session.reconnecting) {
+      // Reconnected, but refused (a new token?): vscode-languageclient said why.
+      status.stop('error', `${where} refused the connection (see the output channel)`);
     }
   });
   status.setEnabled(isEnabled(s));
-  status.show('starting', `starting ${where}`);
+  status.show('starting', isRemote(s) ? `connecting to ${where}` : `starting ${where}`);
   try {
     await started.start();
   } catch (error) {
@@ -102,17 +197,36 @@ async function start(): Promise<void> {
   }
 }
 
+const sessions = new WeakMap<LanguageClient, Session>();
+
 async function stop(): Promise<void> {
   const stopping = client;
   client = undefined;
-  if (stopping?.isRunning()) {
-    await stopping.stop();
+  if (!stopping) {
+    return;
   }
+  const session = sessions.get(stopping);
+  if (session) {
+    session.stopped = true; // its connection closing no longer restarts it
+  }
+  if (stopping.isRunning()) {
+    try {
+      await stopping.stop(); // shutdown and exit, over the connection: keep it till then
+    } catch (error) {
+      // No answer to shutdown (the connection was going): the restart goes on all the same.
+      output.warn(`stopping the server: ${errorMessage(error)}`);
+    }
+  }
+  // No more tries. A client still waiting for its first answer is left waiting: it cannot be
+  // stopped while it starts, and ending its streams would show an error for nothing.
+  session?.link?.dispose();
 }
 
 async function restart(): Promise<void> {
   await stop();
-  await start();
+  // Not awaited: a remote server may take a while to reach, and a command that waits for it
+  // would hang the command palette meanwhile.
+  void start();
 }
 
 function runningClient(): LanguageClient | undefined {
@@ -201,7 +315,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand('starcoder.restartServer', restart),
     vscode.workspace.onDidChangeConfiguration(onConfigurationChanged),
   );
-  await start();
+  // Not awaited: VS Code holds the commands of an extension that is still activating, and a
+  // remote server may take a while to reach.
+  void start();
 }
 
 export async function deactivate(): Promise<void> {

@@ -1,4 +1,5 @@
-// The status-bar item: starting, loading (with the server's progress), ready, off or error.
+// The status-bar item: starting, loading (with the server's progress), ready, off, error, or
+// reconnecting to a remote server whose connection dropped.
 // It asks the server for `starcoder/stats` every second while the model loads, then now and
 // then to keep its tooltip's counters fresh.
 import * as vscode from 'vscode';
@@ -11,7 +12,7 @@ export interface StatsSource {
   sendRequest<R>(method: string, params?: unknown): Promise<R>;
 }
 
-type Phase = 'starting' | 'loading' | 'ready' | 'off' | 'error' | 'stopped';
+type Phase = 'starting' | 'loading' | 'ready' | 'off' | 'error' | 'stopped' | 'reconnecting';
 
 const ICONS: Record<Phase, string> = {
   starting: '$(loading~spin)',
@@ -20,6 +21,7 @@ const ICONS: Record<Phase, string> = {
   off: '$(circle-slash)',
   error: '$(error)',
   stopped: '$(debug-disconnect)',
+  reconnecting: '$(sync~spin)',
 };
 
 const LOADING_POLL_MS = 1000;
@@ -71,8 +73,13 @@ export class StatusItem implements vscode.Disposable {
     this.item.tooltip = `StarCoder: ${phase}\n${detail}`;
     // What a screen reader says (the icon alone tells the phase only to the eye).
     this.item.accessibilityInformation = { label: `StarCoder: ${phase}` };
+    // Reconnecting: suggestions are off for now, worth a glance but not an error.
     this.item.backgroundColor =
-      phase === 'error' ? new vscode.ThemeColor('statusBarItem.errorBackground') : undefined;
+      phase === 'error'
+        ? new vscode.ThemeColor('statusBarItem.errorBackground')
+        : phase === 'reconnecting'
+          ? new vscode.ThemeColor('statusBarItem.warningBackground')
+          : undefined;
   }
 
   stop(phase: Phase, detail: string): void {

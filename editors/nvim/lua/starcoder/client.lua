@@ -35,24 +35,33 @@ local function on_progress(err, result, ctx, cfg)
   end
 end
 
--- Neovim 0.7 has no TCP client: a small pipe between stdio and the socket stands in.
+-- Neovim 0.7 has no TCP client: a small pipe between stdio and the socket stands in. A
+-- connection that fails or breaks ends it with code 0 and the reason on stderr (:LspLog): the
+-- plugin reconnects, and Neovim would warn of any other code every time.
 local PYTHON_PIPE = [[
-import socket, sys, threading
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-def upstream():
+import os, socket, sys, threading
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    def upstream():
+        try:
+            while True:
+                data = sys.stdin.buffer.read1(65536)
+                if not data:
+                    break
+                s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    threading.Thread(target=upstream, daemon=True).start()
     while True:
-        data = sys.stdin.buffer.read1(65536)
+        data = s.recv(65536)
         if not data:
             break
-        s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-threading.Thread(target=upstream, daemon=True).start()
-while True:
-    data = s.recv(65536)
-    if not data:
-        break
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+except OSError as e:
+    sys.stderr.write("starcoder: connection to %s:%s: %s\n" % (sys.argv[1], sys.argv[2], e))
+os._exit(0)  # without flushing a stdout that Neovim may have closed
 ]]
 
 --- How to reach a remote server: Neovim's own TCP client where it has one, else a pipe.
@@ -100,9 +109,62 @@ local function fail(message)
   end)
 end
 
+-- A remote server (`host`) can go away and come back: a replica behind a load balancer
+-- restarts or fails, the network drops. The plugin then connects again, after 0.5 s, 1 s,
+-- 2 s, ... and at most 30 s between tries, until a connection initializes; it attaches the
+-- buffers again (Neovim sends each one's text in didOpen), and `initialize` carries the
+-- settings again. So a replica's failure costs a suggestion or two, not a restart of Neovim.
+M.RETRY_FIRST_MS = 500
+M.RETRY_MAX_MS = 30000
+-- Short outages pass in silence (status() says "reconnecting"); this many failed tries in a
+-- row are worth one message, and the connection coming back another.
+local NOTIFY_AFTER = 3
+
+local retry = {
+  attempts = 0, -- failed tries since the last connection that initialized
+  reason = nil, -- why the last one failed
+  dropped = false, -- a connection that had initialized ended, and not by the plugin
+  live = nil, -- the id of the client whose connection initialized
+  connecting = false, -- a try is under way (the port is being checked)
+  waiting = false, -- a try is scheduled
+  notified = false,
+  generation = 0, -- stop() bumps it: what a try of before then finds out is ignored
+}
+
+--- The delay before the `attempt`-th try in a row (1-based): 0.5 s doubling, at most 30 s.
+function M.retry_delay(attempt)
+  return math.min(M.RETRY_FIRST_MS * 2 ^ (attempt - 1), M.RETRY_MAX_MS)
+end
+
+local function address(options)
+  return ("%s:%d"):format(options.host, options.port)
+end
+
+--- Why there is no client now, for messages: a failure, or the connection being retried.
+function M.why()
+  if M.failure then
+    return M.failure
+  end
+  if retry.waiting or retry.connecting then
+    local reason = retry.reason and (": " .. retry.reason) or ""
+    local where = address(config.options)
+    return ("connecting to %s (try %d)%s"):format(where, retry.attempts + 1, reason)
+  end
+  return "the server could not be started"
+end
+
+local function on_connected()
+  if retry.notified then
+    vim.notify("starcoder: connected again to " .. address(config.options), vim.log.levels.INFO)
+  end
+  retry.attempts, retry.reason, retry.dropped, retry.notified = 0, nil, false, false
+end
+
 -- A server that loaded its model before this client connected (a remote one, long running)
 -- reports no progress: ask it once whether the model is ready.
 local function on_init(client)
+  retry.live = client.id
+  on_connected()
   compat.request(client, "starcoder/stats", vim.empty_dict(), function(err, stats)
     if err or type(stats) ~= "table" or M.progress.done or M.progress.percentage then
       return
@@ -115,6 +177,57 @@ local function on_init(client)
   end)
 end
 
+local connect -- below: a try at the remote server
+
+--- Tries again after the backoff delay; `reason`: why the last try, or the connection, ended.
+local function retry_later(reason)
+  retry.attempts = retry.attempts + 1
+  retry.reason = reason
+  retry.waiting = true
+  set_progress({ message = retry.dropped and "reconnecting" or "connecting" })
+  if retry.attempts == NOTIFY_AFTER then
+    retry.notified = true
+    local message = "starcoder: cannot reach %s (%s); trying again, at most every %d s"
+    message = message:format(address(config.options), reason, M.RETRY_MAX_MS / 1000)
+    vim.notify(message, vim.log.levels.WARN)
+  end
+  local generation = retry.generation
+  vim.defer_fn(function()
+    if generation == retry.generation then
+      retry.waiting = false
+      connect()
+    end
+  end, M.retry_delay(retry.attempts))
+end
+
+local function on_exit(code, id)
+  if id ~= client_id then -- a client stopped on purpose
+    return
+  end
+  client_id = nil
+  if config.options.host then
+    -- A balancer with no replica up accepts a connection and closes it before initialize.
+    retry.dropped = retry.dropped or retry.live == id
+    local how = retry.live == id and "the connection ended"
+      or "the connection was closed before the server answered"
+    if code ~= 0 then -- a pipe (Neovim 0.7) or openssl (TLS)
+      how = ("the connection ended (exit code %d, see :LspLog)"):format(code)
+    end
+    retry_later(how)
+  elseif code ~= 0 then
+    fail(("the server exited with code %d (see :LspLog)"):format(code))
+  end
+end
+
+local function on_error(code)
+  -- A read error on Neovim's own TCP client leaves the client up with no connection under
+  -- it: end it, and on_exit reconnects.
+  local client = client_id and vim.lsp.get_client_by_id(client_id)
+  if code == vim.lsp.client_errors.READ_ERROR and client and config.options.host then
+    compat.stop(client, true)
+  end
+end
+
 function M.lsp_config(options)
   return {
     name = NAME,
@@ -124,14 +237,12 @@ function M.lsp_config(options)
     capabilities = capabilities(),
     handlers = { ["$/progress"] = on_progress },
     on_init = on_init,
+    on_error = on_error,
     on_exit = function(code, _, id)
-      if id ~= client_id then -- a client stopped on purpose
-        return
-      end
-      client_id = nil
-      if code ~= 0 then
-        fail(("the server exited with code %d (see :LspLog)"):format(code))
-      end
+      -- Not from a libuv callback: on_exit may call Neovim's API.
+      vim.schedule(function()
+        on_exit(code, id)
+      end)
     end,
   }
 end
@@ -144,13 +255,11 @@ function M.get()
   end
 end
 
---- The running client, started if it is not (and did not fail before).
-function M.ensure()
-  local client = M.get()
-  if client or M.failure or client_id then -- client_id: exiting, on_exit will tell why
-    return client
+--- Starts the client now; returns it, or nil after a failure.
+local function start()
+  if not (config.options.host and retry.dropped) then
+    set_progress({ message = config.options.host and "connecting" or "starting" })
   end
-  set_progress({ message = "starting" })
   local ok, id = pcall(compat.start_client, M.lsp_config(config.options))
   if not ok or not id then
     fail("the server could not be started: " .. tostring(ok and "no client" or id))
@@ -160,21 +269,101 @@ function M.ensure()
   return vim.lsp.get_client_by_id(id)
 end
 
+--- Calls on_done(err) once a TCP connection to host:port could be made (err nil) or not.
+local function probe(host, port, on_done)
+  local uv = compat.uv
+  local found = uv.getaddrinfo(host, nil, { socktype = "stream" })
+  local tcp = uv.new_tcp()
+  local addr = found and found[1] and found[1].addr or host
+  local ok, err = tcp:connect(addr, port, function(connect_err)
+    tcp:close()
+    vim.schedule(function()
+      on_done(connect_err)
+    end)
+  end)
+  if not ok then
+    tcp:close()
+    vim.schedule(function()
+      on_done(err or "cannot connect")
+    end)
+  end
+end
+
+-- One try at the remote server. The port is checked first: Neovim's own TCP client (0.8 and
+-- later) only prints a message when it cannot connect, and its client then never starts nor
+-- exits; and a pipe or openssl need not be started for nothing.
+connect = function()
+  local options = config.options
+  local generation = retry.generation
+  retry.connecting = true
+  if not retry.dropped and retry.attempts == 0 then
+    set_progress({ message = "connecting" })
+  end
+  probe(options.host, options.port, function(err)
+    if generation ~= retry.generation then -- stopped meanwhile
+      return
+    end
+    retry.connecting = false
+    if err then
+      retry_later(tostring(err))
+    elseif start() then
+      M.attach_all()
+    end
+  end)
+end
+
+--- The running client, started if it is not (and did not fail before). A remote server is
+--- connected to in the background: nil until then (wait_client waits).
+function M.ensure()
+  local client = M.get()
+  -- client_id: exiting, on_exit will tell why; connecting, waiting: a try is on its way.
+  if client or M.failure or client_id or retry.connecting or retry.waiting then
+    return client
+  end
+  if config.options.host then
+    connect()
+    return nil
+  end
+  return start()
+end
+
+--- The client, started if need be, waiting (blocking, at most timeout_ms) for a remote
+--- server's connection; nil if there is none by then (M.why() says why).
+function M.wait_client(timeout_ms)
+  local client = M.ensure()
+  if client then
+    return client
+  end
+  vim.wait(timeout_ms, function()
+    return M.get() ~= nil or M.failure ~= nil or retry.waiting
+  end, 20)
+  return M.get()
+end
+
 function M.stop()
   local client = M.get()
   client_id = nil
+  retry.generation = retry.generation + 1
+  retry.connecting, retry.waiting = false, false
   if client then
     compat.stop(client)
   end
 end
 
---- Stops the server, forgets a failure, and attaches a new one to the buffers it serves.
+--- Stops the server, forgets a failure (and the tries so far), and attaches a new one to
+--- the buffers it serves.
 function M.restart()
   M.stop()
   M.failure = nil
+  retry.attempts, retry.reason, retry.dropped, retry.notified = 0, nil, false, false
+  M.attach_all()
+end
+
+--- Attaches the client to every loaded buffer the plugin serves (after a (re)start).
+function M.attach_all()
   for _, bufnr in ipairs(vim.api.nvim_list_bufs()) do
     if vim.api.nvim_buf_is_loaded(bufnr) then
-      M.attach(bufnr)
+      M.attach_buffer(bufnr)
     end
   end
 end
@@ -198,6 +387,12 @@ function M.attach(bufnr)
     vim.lsp.buf_attach_client(bufnr, client.id)
   end
   return client
+end
+
+-- What attach_all() attaches with: init.lua's, which also turns Neovim's own inline
+-- completion on for the new client (builtin = true).
+M.attach_buffer = function(bufnr)
+  return M.attach(bufnr)
 end
 
 --- The client if it is attached to the buffer.

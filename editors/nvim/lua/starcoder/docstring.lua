@@ -17,9 +17,16 @@ end
 --- on_done(err, result) is called with the server's reply.
 function M.run(on_done)
   local bufnr = vim.api.nvim_get_current_buf()
-  local c = client.attach(bufnr)
-  if not c then
+  if not client.wants(bufnr) then
     notify("this buffer is not served (no file, or filetype not configured)", vim.log.levels.WARN)
+    return
+  end
+  local c = client.attach(bufnr)
+  if not c and client.wait_client(10000) then -- a remote server, being connected to
+    c = client.attach(bufnr)
+  end
+  if not c then
+    notify("no server: " .. client.why(), vim.log.levels.ERROR)
     return
   end
   if not client.wait_initialized(c, 10000) then

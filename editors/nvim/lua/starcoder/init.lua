@@ -68,6 +68,7 @@ function M.setup(user)
     keymaps.set(options.keys)
   end
   configured = true
+  client.attach_buffer = attach
   attach(api.nvim_get_current_buf())
 end
 
@@ -134,11 +135,11 @@ end
 
 --- The server's `starcoder/stats` (blocking, at most timeout_ms); nil and a reason on failure.
 function M.stats(timeout_ms)
-  local c = client.ensure()
-  if not c then
-    return nil, client.failure or "the server could not be started"
-  end
   timeout_ms = timeout_ms or 5000
+  local c = client.wait_client(timeout_ms)
+  if not c then
+    return nil, client.why()
+  end
   if not client.wait_initialized(c, timeout_ms) then
     return nil, "the server did not answer initialize in " .. timeout_ms .. " ms"
   end
