@@ -37,7 +37,7 @@ class ControlledLoad:
             raise RuntimeError(self.failure)
         ready = threading.Event()
         ready.set()
-        return SimpleNamespace(engine=SimpleNamespace(ready=ready))
+        return SimpleNamespace(engine=SimpleNamespace(ready=ready, context=8192))
 
 
 def get(server: HealthServer, path: str = "/health", method: str = "GET") -> tuple[int, Any]:

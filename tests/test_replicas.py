@@ -94,7 +94,8 @@ class Replica:
             connection.close()
 
     def stats(self) -> dict[str, Any]:
-        """starcoder/stats, asked directly (not through the balancer)."""
+        """starcoder/stats, asked directly (not through the balancer): the totals are the
+        replica's, the rest this connection's own."""
 
         async def ask() -> dict[str, Any]:
             client = await WireClient.tcp(self.port)
@@ -253,7 +254,7 @@ async def type_until_served(client: WireClient, name: str) -> int:
 
 
 def test_clients_are_spread_over_both_replicas_and_all_served(cluster: Cluster) -> None:
-    before = {r.name: r.stats()["requests"] for r in cluster.replicas}
+    before = {r.name: r.stats()["totals"]["requests"] for r in cluster.replicas}
 
     async def spread() -> list[int]:
         # All connected first: leastconn gives each new one to the replica with fewer.
@@ -270,7 +271,7 @@ def test_clients_are_spread_over_both_replicas_and_all_served(cluster: Cluster) 
                 await client.close()
 
     requests = asyncio.run(spread())
-    served = {r.name: r.stats()["requests"] - before[r.name] for r in cluster.replicas}
+    served = {r.name: r.stats()["totals"]["requests"] - before[r.name] for r in cluster.replicas}
     assert sum(served.values()) == sum(requests), (served, requests)
     assert all(count > 0 for count in served.values()), f"one replica served nobody: {served}"
 
@@ -395,7 +396,7 @@ def test_editors_reconnect_through_the_balancer_when_their_replica_dies(
             editor.type_until_suggestion("rxyzq")
             client_ids[version] = editor.lua("return require('starcoder.client').get().id")
         vscode.wait_mark("suggested", 180)
-        served_before = second.stats()["requests"]
+        served_before = second.stats()["totals"]["requests"]
 
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(10)
@@ -431,4 +432,4 @@ def test_editors_reconnect_through_the_balancer_when_their_replica_dies(
         assert any("ended; reconnecting" in line for line in output), output
         assert not any("[error]" in line for line in output), output
         # The suggestions after the drop came from the second replica.
-        assert second.stats()["requests"] > served_before
+        assert second.stats()["totals"]["requests"] > served_before
