@@ -125,6 +125,22 @@ function eachLine(input: NodeJS.ReadableStream, onLine: (line: string) => void):
   readline.createInterface({ input, crlfDelay: Infinity, terminal: false }).on('line', onLine);
 }
 
+/**
+ * A document notification sent while the client (re)starts waits for the start, and fails with
+ * it when that try fails (a reconnection's try that the balancer closed at once): the next start
+ * opens every document again with its whole text, so nothing is lost, and the status bar item
+ * already says what is going on. Into the output channel, rather than an error message.
+ */
+function quietWhileStarting<T>(what: string) {
+  return async (data: T, next: (data: T) => Promise<void>): Promise<void> => {
+    try {
+      await next(data);
+    } catch (error) {
+      output.warn(`${what} not sent: ${errorMessage(error)}`);
+    }
+  };
+}
+
 function clientOptions(s: Settings, session: Session): LanguageClientOptions {
   const remote: Partial<LanguageClientOptions> = isRemote(s)
     ? {
@@ -138,6 +154,12 @@ function clientOptions(s: Settings, session: Session): LanguageClientOptions {
   return {
     ...remote,
     documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
+    middleware: {
+      didOpen: quietWhileStarting('textDocument/didOpen'),
+      didChange: quietWhileStarting('textDocument/didChange'),
+      didSave: quietWhileStarting('textDocument/didSave'),
+      didClose: quietWhileStarting('textDocument/didClose'),
+    },
     // Read at every (re)start: a reconnection sends the settings of now, changes included.
     initializationOptions: () => initializationOptions(settings()),
     outputChannel: output,
