@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"
