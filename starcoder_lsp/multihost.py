@@ -215,9 +215,26 @@ def accept_followers(port: int, count: int, timeout: float = 600) -> list[socket
 # --- a follower ------------------------------------------------------------------------------
 
 
+def _connect(leader: tuple[str, int], timeout: float) -> socket.socket:
+    """The side channel, tried until the leader opens it: it does so once its own model is
+    loaded, which may take longer than this process's (a follower that gave up at once left
+    the leader waiting for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(leader, timeout=timeout)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise MultihostError(
+                    f"the leader's side channel at {leader[0]}:{leader[1]} did not open "
+                    f"within {timeout:.0f} s"
+                ) from None
+            time.sleep(0.2)
+
+
 def follow(runner: Runner, leader: tuple[str, int], timeout: float = 600) -> int:
     """Run the leader's calls on this process until the leader closes; the exit status."""
-    sock = socket.create_connection(leader, timeout=timeout)
+    sock = _connect(leader, timeout)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     cache, logits = None, None

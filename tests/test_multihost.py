@@ -111,3 +111,26 @@ async def test_two_processes_suggest_what_one_does_and_stop_when_one_dies(
         for process in (leader, follower):
             if process.poll() is None:
                 process.kill()
+
+
+def test_a_follower_waits_for_the_leader_to_open_its_side_channel() -> None:
+    """The leader opens the side channel once its model is loaded, which may be after the
+    follower has loaded its own: the follower keeps trying rather than exit (and leave the
+    leader waiting for it)."""
+    import threading
+
+    from starcoder_lsp import multihost
+
+    port = _free_port()
+    status: list[int] = []
+    follower = threading.Thread(
+        target=lambda: status.append(multihost.follow(None, ("127.0.0.1", port), 30))
+    )
+    follower.start()
+    time.sleep(1.0)  # the follower's first tries are refused
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        connection, _ = listener.accept()
+        with connection:
+            multihost._send(connection, ("close", []))
+            follower.join(30)
+    assert status == [0]
