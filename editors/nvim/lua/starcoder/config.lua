@@ -82,6 +82,9 @@ M.server_settings = {
   multiline = "string",
   minChars = "number",
   filename = "boolean",
+  crossFileContext = "boolean",
+  crossFileTokens = "number?",
+  crossFileSources = "string",
 }
 
 --- What else the server reads from initializationOptions, at initialize only.
