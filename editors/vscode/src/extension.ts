@@ -17,10 +17,12 @@ import {
 import { connect } from './connection';
 import {
   CONNECTION_KEYS,
+  CONTEXT_NOTIFICATION,
   GENERATE_DOCSTRING,
   STATS_REQUEST,
   initializationOptions,
   isEnabled,
+  contextParams,
   isRemote,
   readSettings,
   serverCommand,
@@ -172,6 +174,19 @@ async function toggle(): Promise<void> {
   await configuration.update('enabled', !isEnabled(settings()), vscode.ConfigurationTarget.Global);
 }
 
+/** Sends the document the user visits (or saves) to the server as cross-file context. */
+async function visited(document: vscode.TextDocument | undefined): Promise<void> {
+  const running = client?.isRunning() ? client : undefined;
+  if (!document || !running) {
+    return;
+  }
+  const uri = running.code2ProtocolConverter.asUri(document.uri);
+  const params = contextParams(settings(), uri, document.getText());
+  if (params) {
+    await running.sendNotification(CONTEXT_NOTIFICATION, params);
+  }
+}
+
 async function onConfigurationChanged(event: vscode.ConfigurationChangeEvent): Promise<void> {
   if (!event.affectsConfiguration('starcoder')) {
     return;
@@ -200,8 +215,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand('starcoder.toggle', toggle),
     vscode.commands.registerCommand('starcoder.restartServer', restart),
     vscode.workspace.onDidChangeConfiguration(onConfigurationChanged),
+    vscode.window.onDidChangeActiveTextEditor((editor) => visited(editor?.document)),
+    vscode.workspace.onDidSaveTextDocument((document) => visited(document)),
   );
   await start();
+  await visited(vscode.window.activeTextEditor?.document);
 }
 
 export async function deactivate(): Promise<void> {
