@@ -724,7 +724,7 @@ async def _suggest(
     pending.future.add_done_callback(lambda done: _count_stopped(ls.stats, done))
     suggestion = await _outcome(pending)
     ls.stats.record(time.perf_counter() - started, bool(suggestion.text), suggestion.typed_through)
-    if suggestion.prompt is not None:
+    if suggestion.prompt is not None and not suggestion.typed_through:  # the model ran
         chunks = [f"{c.path}:{c.line + 1}" for c in suggestion.context.chunks]
         ls.stats.record_context(len(suggestion.context), chunks)
     _log_timings(ls, suggestion, time.perf_counter() - started)
