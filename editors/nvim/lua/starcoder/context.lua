@@ -11,12 +11,27 @@ local M = {}
 -- The server keeps this much of each text; sending more only costs the wire.
 M.MAX_CHARS = 262144
 
---- The text to send for a list of lines, at most M.MAX_CHARS characters.
+--- The text to send for a list of lines, at most M.MAX_CHARS bytes.
 ---@param lines string[]
 ---@return string
 function M.text(lines)
   local text = table.concat(lines, "\n") .. "\n"
   return #text > M.MAX_CHARS and text:sub(1, M.MAX_CHARS) or text
+end
+
+--- The buffer's first lines that fit M.MAX_CHARS bytes (at least one): a visit to a 20 MB
+--- file copies 256 KB of it, not all of it.
+function M.head(bufnr)
+  local low, high = 1, vim.api.nvim_buf_line_count(bufnr)
+  while low < high do -- the most lines whose bytes fit lie in [low, high]
+    local mid = math.floor((low + high + 1) / 2)
+    if vim.api.nvim_buf_get_offset(bufnr, mid) <= M.MAX_CHARS then
+      low = mid
+    else
+      high = mid - 1
+    end
+  end
+  return vim.api.nvim_buf_get_lines(bufnr, 0, low, false)
 end
 
 --- The URI a yank from the buffer is sent under: the buffer's, with a fragment, so that the
@@ -40,8 +55,7 @@ end
 
 --- Sends the buffer's whole text: the user visited the file.
 function M.visited(bufnr)
-  local lines = vim.api.nvim_buf_get_lines(bufnr, 0, -1, false)
-  send(bufnr, vim.uri_from_bufnr(bufnr), M.text(lines))
+  send(bufnr, vim.uri_from_bufnr(bufnr), M.text(M.head(bufnr)))
 end
 
 --- Sends what was yanked (or cut) in the buffer (`v:event` of TextYankPost).
