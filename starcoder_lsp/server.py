@@ -478,12 +478,13 @@ def did_open(ls: StarcoderServer, params: types.DidOpenTextDocumentParams) -> No
 def did_change(ls: StarcoderServer, params: types.DidChangeTextDocumentParams) -> None:
     """Apply the edits; a refused one is reported at once, and by every request after it."""
     _report_unusable(ls, ls.documents.change(params))
+    # Not a material change for the cross-file context, even a whole text (some clients send
+    # one per keystroke): the block follows another document's edits when the cursor moves
+    # to another document, which rebuilds it.
     key = ls.key(params.text_document.uri)
     for change in params.content_changes:
         if isinstance(change, types.TextDocumentContentChangePartial):
             ls.cross_file.edited(key, change.range.start.line)
-        else:  # the whole text again: as if it were opened
-            ls.cross_file.opened(key)
 
 
 def did_save(ls: StarcoderServer, params: types.DidSaveTextDocumentParams) -> None:

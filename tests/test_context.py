@@ -137,13 +137,15 @@ def test_the_chunk_sharing_the_cursor_s_identifiers_is_chosen(starcoder):
     assert jaccard(identifiers(NETWORK), identifiers(CURRENT)) == 0
 
 
-def test_budgets_hold_and_a_long_chunk_is_cut_to_the_lines_that_fit(starcoder):
+@pytest.mark.parametrize("family", ["starcoder", "starcoder2"])
+def test_budgets_hold_and_a_long_chunk_is_cut_to_the_lines_that_fit(family, request):
+    tok = request.getfixturevalue(family)
     long_file = "".join(f"rectangle_{i} = Rectangle(width={i}, height={i})\n" for i in range(60))
     cross = project({"long.py": long_file, **OTHERS})
     for budget in (0, 20, 60, 150, 400, 1000):
-        block = block_for(cross, starcoder, budget)
+        block = block_for(cross, tok, budget)
         assert len(block.ids) <= budget
-    cut = block_for(cross, starcoder, 150)
+    cut = block_for(cross, tok, 150)
     assert cut.chunks and all(c.lines < CHUNK_LINES for c in cut.chunks if c.path == "long.py")
     assert all(c.text.endswith("\n") for c in cut.chunks)
 

@@ -272,6 +272,11 @@ async def test_cross_file_context_comes_from_the_connection_s_own_files(tcp_serv
     assert stats["lastContext"] == ["shapes.py:1"]
     assert stats["contextTokens"] > 0 and stats["contextRequests"] >= 1
     builds = stats["contextBuilds"]
+    # Typing, even sent as whole texts, keeps the block (the cursor stays in its region).
+    for version, typed in enumerate(("a", "ar", "are"), start=2):
+        await mine.change(main, version, {"text": USES_SHAPES + typed})
+        assert "result" in await mine.inline(main, end[0], end[1] + len(typed))
+    assert (await mine.request("starcoder/stats"))["result"]["contextBuilds"] == builds
     await mine.notify(
         "textDocument/didSave", {"textDocument": {"uri": "file:///mine/unrelated.py"}}
     )
