@@ -10,6 +10,10 @@ a request) follows every word boundary. Each request waits for its answer before
 on, so latencies never overlap: what is measured is the time from a keystroke to its
 suggestion. Timing does not depend on weight values, so random weights in the real shapes
 (`starcoder-lsp make-random-model --preset tiny_starcoder_py`) measure the real thing.
+
+The cross-file variant types the same stretch with three other standard-library files open
+(`--other`), their chunks most like the code at the cursor ahead of the prompt: its median
+latency against the plain SPM variant's is the price of cross-file context per keystroke.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from starcoder_lsp.completer import Completer
+from starcoder_lsp.context import CrossFile, Source
 from starcoder_lsp.factory import ModelOptions, build_engine, completer_for, load_checkpoint
 from starcoder_lsp.prompt import PSM_SUFFIX_TOKENS, default_budgets
 from starcoder_lsp.runner import Runner
@@ -42,6 +47,7 @@ class Stats:
     hits: int = 0
     through: int = 0
     note: str = ""
+    context: list[int] = field(default_factory=list)  # cross-file tokens per model request
 
     def row(self) -> str:
         if not self.latency:
@@ -51,7 +57,12 @@ class Stats:
         n = len(self.latency)
         model_requests = n - self.through
         hit_rate = self.hits / model_requests if model_requests else 0.0
-        note = f"{self.through} typed through; {self.note}" if self.through else self.note
+        parts = [
+            f"{statistics.median(self.context):.0f} context tokens" if any(self.context) else "",
+            f"{self.through} typed through" if self.through else "",
+            self.note,
+        ]
+        note = "; ".join(part for part in parts if part)
         return (
             f"| {self.name:<26} | {n:>4} | {np.median(ms):>9.0f} | {np.percentile(ms, 95):>9.0f} |"
             f" {statistics.median(self.prefill):>15.0f} | {hit_rate:>8.0%} |"
@@ -97,9 +108,11 @@ def replay(
     settings: Settings,
     every: int = 1,
     cpm: float = 0,
+    context: CrossFile | None = None,
 ) -> list[tuple[list[int], int]]:
-    """Type the stretch back at `cpm` characters per minute (0: as fast as answers come);
-    returns each model request's prompt and new-token count."""
+    """Type the stretch back at `cpm` characters per minute (0: as fast as answers come),
+    with `context` the other files open; returns each model request's prompt and new-token
+    count."""
     before, typed, after = source[:start], source[start:end], source[end:]
     requests = []
     points = pauses(typed)[::every]
@@ -110,7 +123,7 @@ def replay(
         text = before + typed[:point] + after
         cursor = start + point
         began = time.perf_counter()
-        suggestion = completer.complete("replay", text, cursor, settings)
+        suggestion = completer.complete("replay", text, cursor, settings, context=context)
         stats.latency.append(time.perf_counter() - began)
         result = suggestion.result
         if suggestion.typed_through:
@@ -122,6 +135,7 @@ def replay(
         stats.prefill.append(result.prefilled_tokens)
         stats.decode.append(result.decode_seconds)
         stats.hits += result.reused_tokens > 0
+        stats.context.append(len(suggestion.context))
         print(f"\r{stats.name}: {n + 1}/{len(points)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return requests
@@ -154,6 +168,12 @@ def main() -> None:
         "--file", type=Path, default=Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
     )
     parser.add_argument("--chars", type=int, default=400, help="characters typed")
+    parser.add_argument(
+        "--other",
+        nargs="+",
+        default=["shlex.py", "textwrap.py", "gettext.py"],
+        help="standard-library files open beside it, for the cross-file variant",
+    )
     parser.add_argument(
         "--min-context", type=int, default=2000, help="tokens of file before the typed stretch"
     )
@@ -199,13 +219,22 @@ def main() -> None:
     # (at most PSM_SUFFIX_TOKENS) at every pause, with a quarter of the context (SPM's
     # default) every few pauses, to keep the benchmark short.
     quarter = default_budgets(runner.max_len, args.max_new_tokens, "spm")[1]
+    others = [Source(name, name, (args.file.parent / name).read_text()) for name in args.other]
     variants = (
-        ("SPM + prefix cache", "spm", True, 1, None),
-        (f"PSM + cache, suffix ≤{PSM_SUFFIX_TOKENS}", "psm", True, 1, None),
-        (f"PSM + cache, suffix {quarter}", "psm", True, max(1, args.baseline_every // 2), quarter),
-        ("SPM, no cache", "spm", False, args.baseline_every, None),
+        ("SPM + prefix cache", "spm", True, 1, None, False),
+        (f"SPM + cache + {len(others)} files open", "spm", True, 1, None, True),
+        (f"PSM + cache, suffix ≤{PSM_SUFFIX_TOKENS}", "psm", True, 1, None, False),
+        (
+            f"PSM + cache, suffix {quarter}",
+            "psm",
+            True,
+            max(1, args.baseline_every // 2),
+            quarter,
+            False,
+        ),
+        ("SPM, no cache", "spm", False, args.baseline_every, None, False),
     )
-    for name, mode, cached, every, suffix in variants:
+    for name, mode, cached, every, suffix, cross_file in variants:
         engine = build_engine(ckpt, runner, prefix_cache=cached)
         engine.start(lambda i, n, what: print(f"\r{what} {i}/{n}", end="", file=sys.stderr))
         engine.ready.wait()
@@ -217,7 +246,12 @@ def main() -> None:
             suffix_tokens=suffix,
         )
         stats = Stats(name, note="" if every == 1 else f"every {every}th pause")
-        requests = replay(completer, stats, source, start, end, settings, every, args.cpm)
+        context = None
+        if cross_file:  # the other files, opened before typing starts
+            context = CrossFile(lambda: others, repo="stdlib")
+            for other in others:
+                context.opened(other.key)
+        requests = replay(completer, stats, source, start, end, settings, every, args.cpm, context)
         if not cached:
             recorded = requests
         engine.close()
@@ -235,6 +269,10 @@ def main() -> None:
     print(HEADER)
     for stats in all_stats:
         print(stats.row())
+    plain, cross = all_stats[0], all_stats[1]
+    if plain.latency and cross.latency:
+        ratio = statistics.median(cross.latency) / statistics.median(plain.latency)
+        print(f"\nmedian latency, {cross.name} ÷ {plain.name}: {ratio:.2f}×")
 
 
 if __name__ == "__main__":

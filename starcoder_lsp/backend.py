@@ -37,6 +37,9 @@ class Stats:
     superseded: int = 0  # ... or by a newer request for the same document
     disconnected: int = 0  # ... or because their connection closed
     failed: int = 0  # answered with an error by the engine
+    context_tokens: int = 0  # cross-file context tokens in the prompts that ran the model
+    context_requests: int = 0  # ... and how many of those prompts had any
+    last_context: list[str] = field(default_factory=list)  # "path:line" of each chunk
     latencies: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     total: Stats | None = None  # where a connection's counts add up
@@ -62,6 +65,12 @@ class Stats:
             with self.total.lock:
                 self.total.latencies.append(seconds)
                 del self.total.latencies[:-10_000]
+
+    def record_context(self, tokens: int, chunks: list[str]) -> None:
+        """A prompt that ran the model with `tokens` of cross-file context from `chunks`."""
+        self._add(context_tokens=tokens, context_requests=tokens > 0)
+        with self.lock:
+            self.last_context = chunks
 
     def count_stopped(self, reason: str) -> None:
         if reason in ("cancelled", "superseded", "disconnected"):
@@ -89,6 +98,9 @@ class Stats:
                 "superseded": self.superseded,
                 "disconnected": self.disconnected,
                 "failed": self.failed,
+                "contextTokens": self.context_tokens,
+                "contextRequests": self.context_requests,
+                "lastContext": list(self.last_context),
             }
 
         def percentile(p: float) -> float:

@@ -301,7 +301,18 @@ def _add_complete(subparsers: Subparsers) -> None:
     parser.add_argument("--character", type=int, required=True)
     parser.add_argument("--multiline", choices=("auto", "always", "never"), default="auto")
     parser.add_argument(
-        "--json", action="store_true", help="print JSON: prompt text, token counts, timings"
+        "--context",
+        metavar="OTHER",
+        type=Path,
+        action="append",
+        default=[],
+        help="another file of the project, as an editor's open document: its chunks most "
+        "like the code at the cursor go ahead of the prompt (repeat for more files)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: prompt text, the cross-file context block, token counts, timings",
     )
     _add_model_options(parser)
     parser.set_defaults(handler=_run_complete)
@@ -318,16 +329,25 @@ def _offset(text: str, line: int, character: int) -> int:
     return sum(len(s) + 1 for s in lines[:line]) + character
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StarcoderError(f"cannot read {path}: {e}") from None
+
+
 def _run_complete(args: argparse.Namespace) -> int:
     import json
 
+    from starcoder_lsp.context import CrossFile, Source
     from starcoder_lsp.settings import Settings
 
-    try:
-        text = args.file.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise StarcoderError(f"cannot read {args.file}: {e}") from None
+    text = _read(args.file)
     cursor = _offset(text, args.line, args.character)
+    others = [Source(str(path), str(path), _read(path)) for path in args.context]
+    cross = CrossFile(lambda: others, repo=Path.cwd().name)
+    for other in others:
+        cross.opened(other.key)
     settings = Settings(
         max_new_tokens=args.max_new_tokens, fim_mode=args.fim_mode, multiline=args.multiline
     )
@@ -335,7 +355,9 @@ def _run_complete(args: argparse.Namespace) -> int:
     # The server logs this line itself (Engine.start); this command configures no logging.
     print(completer.engine.describe(), file=sys.stderr)
     try:
-        suggestion = completer.complete(str(args.file), text, cursor, settings, args.file.name)
+        suggestion = completer.complete(
+            str(args.file), text, cursor, settings, args.file.name, context=cross
+        )
     finally:
         completer.engine.close()
     if not args.json:
@@ -350,6 +372,14 @@ def _run_complete(args: argparse.Namespace) -> int:
                 "raw": result.text,
                 "finish_reason": result.finish_reason,
                 "prompt": completer.tokenizer.decode(prompt.ids),
+                "context": {
+                    "text": completer.tokenizer.decode(list(suggestion.context.ids)),
+                    "tokens": len(suggestion.context),
+                    "chunks": [
+                        {"path": c.path, "line": c.line, "source": c.source, "score": c.score}
+                        for c in suggestion.context.chunks
+                    ],
+                },
                 "prompt_tokens": result.prompt_tokens,
                 "generated_tokens": len(result.tokens),
                 "seconds": {

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from starcoder_lsp import docstring, postprocess
-from starcoder_lsp.prompt import FimMode, FimPrompt, PromptOptions, build_prompt
+from starcoder_lsp.context import EMPTY, ContextBlock, CrossFile
+from starcoder_lsp.prompt import FimMode, FimPrompt, PromptOptions, build_prompt, counter_for
 from starcoder_lsp.request import Handle, Request, RequestError, Result
 from starcoder_lsp.settings import Settings, SettingsError
 from starcoder_lsp.special_tokens import SpecialTokens
@@ -57,6 +58,7 @@ class Suggestion:
     result: Result | None = None
     prompt: FimPrompt | None = None  # None when the request never left the queue
     seconds: float = 0.0
+    context: ContextBlock = EMPTY  # the cross-file context ahead of the prompt
 
 
 @dataclass(frozen=True)
@@ -107,12 +109,17 @@ class Completer:
         self._shown: dict[Hashable, _Shown] = {}
 
     def options(
-        self, settings: Settings, filename: str | None = None, max_new_tokens: int | None = None
+        self,
+        settings: Settings,
+        filename: str | None = None,
+        max_new_tokens: int | None = None,
+        context_tokens: int = 0,
     ) -> PromptOptions:
         """How to build prompts with `settings`; SettingsError when they cannot fit the
-        model's context (with `max_new_tokens` new tokens, default the settings' own)."""
+        model's context (with `max_new_tokens` new tokens, default the settings' own, and
+        `context_tokens` of cross-file context ahead of the prompt)."""
         mode = settings.fim_mode or self.fim_mode
-        prefix, suffix = settings.budgets(self.engine.context, max_new_tokens, mode)
+        prefix, suffix = settings.budgets(self.engine.context, max_new_tokens, mode, context_tokens)
         return PromptOptions(
             mode=mode,
             prefix_tokens=prefix,
@@ -128,10 +135,12 @@ class Completer:
         settings: Settings,
         filename: str | None = None,
         owner: Hashable | None = None,
+        context: CrossFile | None = None,
     ) -> Pending:
         """Begin a suggestion for `cursor` in `text`; a newer one for the same document
         supersedes this one between two decode steps. `owner` (a connection) is whose
-        limits the request counts against in the engine."""
+        limits the request counts against in the engine; `context` its cross-file sources,
+        which name documents as `document` is named."""
         started = time.perf_counter()
         pending = Pending()
         start, end = stretch(text, cursor, LOCAL_CHARS, LOCAL_CHARS)
@@ -141,14 +150,15 @@ class Completer:
             through.seconds = time.perf_counter() - started
             pending.future.set_result(through)
             return pending
-        options = self.options(settings, filename)
+        block = self._context(context, document, before, after, start, settings)
+        options = self.options(settings, filename, context_tokens=len(block))
         start, end = stretch(
             text,
             cursor,
             options.prefix_tokens * CHARS_PER_TOKEN,
             options.suffix_tokens * CHARS_PER_TOKEN,
         )
-        prompt = _LazyPrompt(self, text[start:end], cursor - start, options)
+        prompt = _LazyPrompt(self, text[start:end], cursor - start, options, block)
         multiline = _multiline(settings, before, after)
         ask = _Ask(document, before, after, settings, multiline, started)
         request = Request(
@@ -162,7 +172,7 @@ class Completer:
             prompt=prompt.ids,
         )
         pending.handle = self.engine.submit(request)
-        _resolve_with(pending, lambda result: self._suggestion(ask, prompt.made, result))
+        _resolve_with(pending, lambda result: self._suggestion(ask, prompt, result))
         return pending
 
     def complete(
@@ -172,9 +182,32 @@ class Completer:
         cursor: int,
         settings: Settings,
         filename: str | None = None,
+        context: CrossFile | None = None,
     ) -> Suggestion:
         """The blocking form of `start`, for the CLI and benchmarks."""
-        return self.start(document, text, cursor, settings, filename).future.result()
+        pending = self.start(document, text, cursor, settings, filename, context=context)
+        return pending.future.result()
+
+    def _context(
+        self,
+        context: CrossFile | None,
+        document: Hashable,
+        before: str,
+        after: str,
+        anchor: int,
+        settings: Settings,
+    ) -> ContextBlock:
+        """The cross-file block for a cursor between `before` and `after` (`before` starts
+        at `anchor`, which typing does not move); SettingsError when the settings leave no
+        room for it."""
+        if context is None or not settings.cross_file_context:
+            return EMPTY
+        budget = settings.context_budget(self.engine.context)
+        settings.budgets(self.engine.context, reserved=budget)  # fits, or SettingsError
+        counter = counter_for(self.tokenizer)
+        return context.block(
+            document, before, after, anchor, budget, settings.sources(), self.tokens, counter
+        )
 
     def docstring(
         self,
@@ -228,21 +261,16 @@ class Completer:
 
     # -- pieces --------------------------------------------------------------------------
 
-    def _suggestion(self, ask: _Ask, prompt: FimPrompt | None, result: Result) -> Suggestion:
+    def _suggestion(self, ask: _Ask, lazy: _LazyPrompt, result: Result) -> Suggestion:
         seconds = ask.seconds()
+        made = dict(result=result, prompt=lazy.made, seconds=seconds, context=lazy.context)
         if result.finish_reason in STOPPED:
-            return Suggestion("", result=result, prompt=prompt, seconds=seconds)
+            return Suggestion("", **made)
         cut = postprocess.cut_completion(result.text, ask.before, ask.after, ask.multiline)
         if not postprocess.acceptable(cut.text, ask.settings.min_chars):
             self._shown.pop(ask.document, None)
-            return Suggestion("", result=result, prompt=prompt, seconds=seconds)
-        suggestion = Suggestion(
-            cut.text,
-            replace_suffix_chars=cut.replace_suffix_chars,
-            result=result,
-            prompt=prompt,
-            seconds=seconds,
-        )
+            return Suggestion("", **made)
+        suggestion = Suggestion(cut.text, replace_suffix_chars=cut.replace_suffix_chars, **made)
         self._shown[ask.document] = _Shown(ask.before, ask.after, suggestion)
         return suggestion
 
@@ -269,13 +297,28 @@ class _LazyPrompt:
     """A prompt made when the engine admits its request (`ids`), in the engine's thread: a
     request superseded while it waits never costs one. `made` is the FimPrompt once made."""
 
-    def __init__(self, completer: Completer, text: str, cursor: int, options: PromptOptions):
+    def __init__(
+        self,
+        completer: Completer,
+        text: str,
+        cursor: int,
+        options: PromptOptions,
+        context: ContextBlock = EMPTY,
+    ):
         self._completer, self._text, self._cursor, self._options = completer, text, cursor, options
+        self.context = context
         self.made: FimPrompt | None = None
 
     def ids(self) -> list[int]:
         c = self._completer
-        self.made = build_prompt(self._text, self._cursor, c.tokenizer, c.tokens, self._options)
+        self.made = build_prompt(
+            self._text,
+            self._cursor,
+            c.tokenizer,
+            c.tokens,
+            self._options,
+            context=self.context.ids,
+        )
         self._text = ""  # the stretch of text is no longer needed
         return self.made.ids
 

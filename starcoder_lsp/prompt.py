@@ -99,6 +99,7 @@ class FimPrompt:
     prefix_start: int
     suffix_end: int
     mode: FimMode
+    context_tokens: int = 0  # the cross-file context block's, the prompt's first ids
 
 
 def default_budgets(
@@ -180,10 +181,12 @@ class TokenCounter:
         if len(cache) + len(missing) > self._max_entries:
             cache.clear()
         encoded = self._encode_batch([source(key) for key in missing])
-        for key, ids in zip(missing, encoded, strict=True):
-            cache[key] = convert(ids)
+        # Read back from `new`, not `cache`: the prompt's thread and the context's may share
+        # this counter, and the other one may clear `cache` meanwhile.
+        new = {key: convert(ids) for key, ids in zip(missing, encoded, strict=True)}
+        cache.update(new)
         return [
-            cache[key] if value is None else value for key, value in zip(keys, values, strict=True)
+            new[key] if value is None else value for key, value in zip(keys, values, strict=True)
         ]
 
 
@@ -353,14 +356,16 @@ def build_prompt(
     tokens: SpecialTokens,
     options: PromptOptions,
     counter: TokenCounter | None = None,
+    context: Sequence[int] = (),
 ) -> FimPrompt:
     """The FIM prompt for a cursor at character offset `cursor` of `text`.
 
-    PSM: `[header] <fim_prefix> [lead] prefix <fim_suffix> suffix <fim_middle>`;
-    SPM: `[header] <fim_prefix> <fim_suffix> suffix <fim_middle> [lead] prefix` (see
-    `file_header`). The file name counts against the prefix budget, so a prompt never
-    exceeds `RESERVED_TOKENS` plus both budgets. A constant header keeps SPM prompts growing
-    only at their end.
+    PSM: `[context] [header] <fim_prefix> [lead] prefix <fim_suffix> suffix <fim_middle>`;
+    SPM: `[context] [header] <fim_prefix> <fim_suffix> suffix <fim_middle> [lead] prefix`
+    (see `file_header`; `context` is context.py's cross-file block, which changes far less
+    often than anything after it). The file name counts against the prefix budget, so a
+    prompt never exceeds `RESERVED_TOKENS` plus both budgets plus the context. A constant
+    header keeps SPM prompts growing only at their end.
     """
     if not 0 <= cursor <= len(text):
         raise ValueError(f"cursor {cursor} is outside the document ({len(text)} characters)")
@@ -373,14 +378,19 @@ def build_prompt(
     end, suffix_ids = _suffix_window(
         text, cursor, options.suffix_tokens, _step(options, options.suffix_tokens), counter
     )
-    before, prefix_ids = header.before, [*header.lead, *prefix_ids]
+    before, prefix_ids = [*context, *header.before], [*header.lead, *prefix_ids]
+    if context and tokens.repository_level and not header.before:
+        # StarCoder2's files follow one another after <file_sep>: without it the current
+        # file would read as the end of the last quoted one (the header's reserved token).
+        before.append(tokens.file_sep)
     if options.mode == "psm":
         middle = [tokens.fim_prefix, *prefix_ids, tokens.fim_suffix, *suffix_ids]
         ids = [*before, *middle, tokens.fim_middle]
     else:
         middle = [tokens.fim_prefix, tokens.fim_suffix, *suffix_ids, tokens.fim_middle]
         ids = [*before, *middle, *prefix_ids]
-    return FimPrompt(ids, text[start:cursor], text[cursor:end], start, end, options.mode)
+    prefix, suffix = text[start:cursor], text[cursor:end]
+    return FimPrompt(ids, prefix, suffix, start, end, options.mode, len(context))
 
 
 def _step(options: PromptOptions, budget: int) -> int:

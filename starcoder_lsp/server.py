@@ -51,7 +51,8 @@ from starcoder_lsp import settings as settings_schema
 from starcoder_lsp.backend import Backend, Stats
 from starcoder_lsp.client_log import ClientLogHandler
 from starcoder_lsp.completer import Pending, Suggestion
-from starcoder_lsp.documents import Document, Documents, RequestFailed, uri_key
+from starcoder_lsp.context import CrossFile, Source
+from starcoder_lsp.documents import Document, Documents, RequestFailed, display, uri_key
 from starcoder_lsp.limits import Limits
 from starcoder_lsp.request import RequestError
 
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 ACCEPTED = "starcoder.accepted"
 GENERATE_DOCSTRING = "starcoder.generateDocstring"
 STATS = "starcoder/stats"
+CONTEXT = "starcoder/context"  # a client's text for the cross-file context: {uri, text}
 # Keys read at initialize only, not settings: they change what the server advertises.
 INIT_ONLY_KEYS = {"token", "completionFallback"}
 
@@ -337,6 +339,8 @@ class StarcoderServer(LanguageServer):
         self.connection = next(_connections)
         self.stats = backend.connect(self.connection)
         self.documents = Documents()  # replaced at initialize, in the negotiated encoding
+        self.root = ""  # the workspace's URI (uri_key form, ending in "/"), when one is known
+        self.cross_file = CrossFile(self.context_sources)
         self.unknown_reported: set[str] = set()
         # Set by a transport that serves many connections: ends this one only.
         self.close_connection: Callable[[], None] | None = None
@@ -389,6 +393,25 @@ class StarcoderServer(LanguageServer):
         """The completer's name for this connection's document at `uri`."""
         return (self.connection, uri_key(uri))
 
+    def path(self, uri: str) -> str:
+        """A document's path as the cross-file context names it: relative to the workspace
+        where it lies within it (as repositories were written in training), else its name."""
+        key = uri_key(uri).split("#", 1)[0].split("?", 1)[0]
+        if self.root and key.startswith(self.root):
+            return key[len(self.root) :]
+        return key.rsplit("/", 1)[-1]
+
+    def context_sources(self) -> list[Source]:
+        """This connection's open documents, and only its own, for its cross-file context."""
+        sources = []
+        for key in self.documents:
+            try:
+                document = self.documents.get(key)
+            except (JsonRpcException, RequestFailed):
+                continue  # closed meanwhile, or not held in full
+            sources.append(Source((self.connection, key), self.path(key), document.text))
+        return sources
+
     def completer_forget(self, uri: str) -> None:
         if self.backend.completer is not None:
             self.backend.completer.forget(self.key(uri))
@@ -422,6 +445,7 @@ def initialize(ls: StarcoderServer, params: types.InitializeParams) -> None:
     options = params.initialization_options
     options = options if isinstance(options, dict) else {}
     ls.apply_settings(options)
+    ls.root, ls.cross_file.repo = _workspace(params)
     if options.get("completionFallback") is True:
         ls.completion_fallback = True
         ls.feature(types.TEXT_DOCUMENT_COMPLETION)(completion)
@@ -448,17 +472,48 @@ def did_open(ls: StarcoderServer, params: types.DidOpenTextDocumentParams) -> No
     """Keep the document (or say why not)."""
     ls.completer_forget(params.text_document.uri)
     _report_unusable(ls, ls.documents.open(params.text_document))
+    ls.cross_file.opened(ls.key(params.text_document.uri))
 
 
 def did_change(ls: StarcoderServer, params: types.DidChangeTextDocumentParams) -> None:
     """Apply the edits; a refused one is reported at once, and by every request after it."""
     _report_unusable(ls, ls.documents.change(params))
+    # Not a material change for the cross-file context, even a whole text (some clients send
+    # one per keystroke): the block follows another document's edits when the cursor moves
+    # to another document, which rebuilds it.
+    key = ls.key(params.text_document.uri)
+    for change in params.content_changes:
+        if isinstance(change, types.TextDocumentContentChangePartial):
+            ls.cross_file.edited(key, change.range.start.line)
+
+
+def did_save(ls: StarcoderServer, params: types.DidSaveTextDocumentParams) -> None:
+    """A saved document is a material change for the cross-file context."""
+    ls.cross_file.saved(ls.key(params.text_document.uri))
 
 
 def did_close(ls: StarcoderServer, params: types.DidCloseTextDocumentParams) -> None:
     """Forget the document and its last suggestion."""
     ls.documents.close(params.text_document.uri)
     ls.completer_forget(params.text_document.uri)
+    ls.cross_file.closed(ls.key(params.text_document.uri))
+
+
+def context(ls: StarcoderServer, params: Any) -> None:
+    """`starcoder/context` {uri, text}: text the editor offers as cross-file context (a yank,
+    a visited file); the server never reads the disk for it. A newer push for the same URI
+    replaces the older; a URI with a fragment (`file:///a.py#yank`) names text taken from
+    the document without it, which is never quoted in that document's own prompts."""
+    uri, text = _field(params, "uri"), _field(params, "text")
+    if not isinstance(uri, str) or not isinstance(text, str):
+        log.info("connection %d: %s needs a uri and a text (strings)", ls.connection, CONTEXT)
+        return
+    limit = ls.limits.max_document_size
+    if limit and len(text) > limit:
+        log.info("connection %d: %s: %s is too large", ls.connection, CONTEXT, display(uri))
+        return
+    origin = ls.key(uri.split("#", 1)[0])
+    ls.cross_file.push(ls.key(uri), ls.path(uri), text, origin)
 
 
 async def inline_completion(
@@ -523,7 +578,7 @@ def accepted(ls: StarcoderServer, *args: Any) -> None:
 
 def stats(ls: StarcoderServer, *args: Any) -> dict[str, Any]:
     """Whether the model is ready; this connection's counts and the totals."""
-    return ls.backend.status(ls.stats, ls.local)
+    return {**ls.backend.status(ls.stats, ls.local), "contextBuilds": ls.cross_file.builds}
 
 
 # (method, options, handler): what every connection offers.
@@ -534,6 +589,8 @@ FEATURES: tuple[tuple[str, Any, Callable[..., Any]], ...] = (
     (types.TEXT_DOCUMENT_DID_OPEN, None, did_open),
     (types.TEXT_DOCUMENT_DID_CHANGE, None, did_change),
     (types.TEXT_DOCUMENT_DID_CLOSE, None, did_close),
+    (types.TEXT_DOCUMENT_DID_SAVE, types.SaveOptions(include_text=False), did_save),
+    (CONTEXT, None, context),
     (types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions(), inline_completion),
     (
         types.TEXT_DOCUMENT_CODE_ACTION,
@@ -569,6 +626,25 @@ def build_server(
 
 def _accepted(uri: str) -> types.Command:
     return types.Command(title="accepted", command=ACCEPTED, arguments=[uri])
+
+
+def _field(params: Any, name: str) -> Any:
+    """A field of a custom message's params, which pygls gives as an object or a dict."""
+    if isinstance(params, dict):
+        return params.get(name)
+    return getattr(params, name, None)
+
+
+def _workspace(params: types.InitializeParams) -> tuple[str, str]:
+    """(the workspace's root URI in uri_key form ending in "/", its name) from initialize:
+    the first workspace folder, or the root URI; ("", "") without either."""
+    folders = params.workspace_folders or []
+    root = folders[0].uri if folders else params.root_uri
+    if not isinstance(root, str) or not root:
+        return "", ""
+    root = uri_key(root).rstrip("/") + "/"
+    name = folders[0].name if folders else root.rstrip("/").rsplit("/", 1)[-1]
+    return root, name
 
 
 def _report_unusable(ls: StarcoderServer, reason: str | None) -> None:
@@ -636,13 +712,22 @@ async def _suggest(
     filename = uri.rsplit("/", 1)[-1]
     try:
         pending = backend.completer.start(
-            ls.key(uri), text, offset, ls.settings, filename, owner=ls.connection
+            ls.key(uri),
+            text,
+            offset,
+            ls.settings,
+            filename,
+            owner=ls.connection,
+            context=ls.cross_file,
         )
     except settings_schema.SettingsError as e:  # set before the model's context was known
         raise RequestFailed(f"starcoder-lsp settings: {e}") from None
     pending.future.add_done_callback(lambda done: _count_stopped(ls.stats, done))
     suggestion = await _outcome(pending)
     ls.stats.record(time.perf_counter() - started, bool(suggestion.text), suggestion.typed_through)
+    if suggestion.prompt is not None and not suggestion.typed_through:  # the model ran
+        chunks = [f"{c.path}:{c.line + 1}" for c in suggestion.context.chunks]
+        ls.stats.record_context(len(suggestion.context), chunks)
     _log_timings(ls, suggestion, time.perf_counter() - started)
     if not suggestion.text:
         return None

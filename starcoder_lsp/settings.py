@@ -24,6 +24,8 @@ from starcoder_lsp.prompt import RESERVED_TOKENS, FimMode, default_budgets
 
 FIM_MODES = ("spm", "psm")
 MULTILINE_POLICIES = ("auto", "always", "never")
+# context.py's sources, by name (kept here: the settings import nothing of the completer).
+CONTEXT_SOURCES = ("open", "edited", "pushed")
 MAX_NEW_TOKENS = 4096
 
 
@@ -42,6 +44,15 @@ class Rule:
     maximum: float | None = None
     exclusive_minimum: float | None = None
     choices: tuple[str, ...] = ()
+    items: tuple[str, ...] = ()  # a comma-separated list of these (a string on the wire)
+
+    @property
+    def pattern(self) -> str | None:
+        """The JSON schema pattern of a comma-separated list of `items` (empty allowed)."""
+        if not self.items:
+            return None
+        item = "(" + "|".join(self.items) + ")"
+        return f"^({item}(,{item})*)?$"
 
 
 def setting(default: Any, kind: type, description: str, **rule: Any) -> Any:
@@ -94,6 +105,28 @@ class Settings:
         "Start the prompt with the file's name (a <filename> header), where the model's "
         "tokenizer has that token.",
     )
+    cross_file_context: bool = setting(
+        True,
+        bool,
+        "Put chunks of the project's other files (open documents, recent edits, text the "
+        "editor sends) ahead of the prompt, the chunks most like the code at the cursor.",
+    )
+    cross_file_tokens: int | None = setting(
+        None,
+        int,
+        "Most tokens of cross-file context in a prompt. Empty: a quarter of the model's "
+        "context (less where the other budgets leave less).",
+        nullable=True,
+        minimum=0,
+    )
+    cross_file_sources: str = setting(
+        ",".join(CONTEXT_SOURCES),
+        str,
+        "Where cross-file context comes from, comma-separated: open (the other open "
+        "documents), edited (regions edited recently), pushed (yanks and visited files the "
+        "editor sends).",
+        items=CONTEXT_SOURCES,
+    )
 
     def __post_init__(self) -> None:
         errors = [e for f in fields(self) if (e := _check(f.name, getattr(self, f.name)))]
@@ -118,20 +151,25 @@ class Settings:
         return replace(self, **changes)
 
     def budgets(
-        self, context: int, max_new_tokens: int | None = None, mode: FimMode = "spm"
+        self,
+        context: int,
+        max_new_tokens: int | None = None,
+        mode: FimMode = "spm",
+        reserved: int = 0,
     ) -> tuple[int, int]:
         """(prefix, suffix) token budgets of a prompt in `mode` in a context of `context`
-        tokens that leaves room for `max_new_tokens` (default: this maxNewTokens). A budget not
-        set takes its default share of what is left, capped so that the two fit together;
-        SettingsError when they cannot."""
+        tokens that leaves room for `max_new_tokens` (default: this maxNewTokens) and for
+        `reserved` tokens of cross-file context. A budget not set takes its default share of
+        what is left, capped so that the two fit together; SettingsError when they cannot."""
         new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        available = context - new - RESERVED_TOKENS
+        self._check_room(context, new)
+        available = context - new - RESERVED_TOKENS - reserved
         if available < 2:
             raise SettingsError(
-                f"maxNewTokens {new} leaves no room for a prompt in the model's context of "
-                f"{context} tokens: at most {context - RESERVED_TOKENS - 2}"
+                f"crossFileTokens {reserved} + maxNewTokens {new} leave no room for a prompt "
+                f"in the model's context of {context} tokens"
             )
-        default_prefix, default_suffix = default_budgets(context, new, mode)
+        default_prefix, default_suffix = default_budgets(context - reserved, new, mode)
         prefix, suffix = self.prefix_tokens, self.suffix_tokens
         if prefix is None and suffix is None:
             prefix, suffix = default_prefix, default_suffix
@@ -140,17 +178,46 @@ class Settings:
         elif prefix is None:
             prefix = max(0, min(default_prefix, available - suffix))
         if prefix + suffix > available:
+            also = f" + crossFileTokens {reserved}" if reserved else ""
             raise SettingsError(
-                f"prefixTokens {prefix} + suffixTokens {suffix} + maxNewTokens {new} + "
+                f"prefixTokens {prefix} + suffixTokens {suffix}{also} + maxNewTokens {new} + "
                 f"{RESERVED_TOKENS} special tokens exceed the model's context of {context} "
                 f"tokens: the two budgets may take {available} together"
             )
         return prefix, suffix
 
+    def context_budget(self, context: int, max_new_tokens: int | None = None) -> int:
+        """Tokens of cross-file context a prompt may hold in a context of `context` tokens
+        (0 when off): crossFileTokens, or a quarter of the context where the windows' own
+        budgets leave that much (half of what they leave when one of them takes a share)."""
+        if not self.cross_file_context or not self.sources():
+            return 0
+        if self.cross_file_tokens is not None:
+            return self.cross_file_tokens
+        new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        available = context - new - RESERVED_TOKENS
+        explicit = (self.prefix_tokens or 0) + (self.suffix_tokens or 0)
+        shares = self.prefix_tokens is None or self.suffix_tokens is None
+        left = (available - explicit - 2) // 2 if shares else available - explicit
+        return max(0, min(context // 4, left))
+
+    def sources(self) -> tuple[str, ...]:
+        """crossFileSources as a tuple, in CONTEXT_SOURCES' order."""
+        named = set(self.cross_file_sources.split(","))
+        return tuple(s for s in CONTEXT_SOURCES if s in named)
+
     def check_context(self, context: int) -> None:
         """SettingsError unless a prompt made with these settings fits a context of
-        `context` tokens with its new tokens."""
-        self.budgets(context)
+        `context` tokens with its new tokens and its cross-file context."""
+        self.budgets(context, reserved=self.context_budget(context))
+
+    @staticmethod
+    def _check_room(context: int, new: int) -> None:
+        if context - new - RESERVED_TOKENS < 2:
+            raise SettingsError(
+                f"maxNewTokens {new} leaves no room for a prompt in the model's context of "
+                f"{context} tokens: at most {context - RESERVED_TOKENS - 2}"
+            )
 
     def to_wire(self) -> dict[str, Any]:
         return {wire_name(f.name): getattr(self, f.name) for f in fields(self)}
@@ -181,6 +248,8 @@ def json_schema() -> dict[str, dict[str, Any]]:
         if r.choices:
             entry["enum"] = [*r.choices, None] if r.nullable else list(r.choices)
         entry["default"] = f.default if f.default is not MISSING else None
+        if r.pattern is not None:
+            entry["pattern"] = r.pattern
         for key, bound in (
             ("minimum", r.minimum),
             ("exclusiveMinimum", r.exclusive_minimum),
@@ -216,6 +285,8 @@ def _check(name: str, value: Any) -> str | None:
         return f"{key} must be a finite number, not {value!r}"
     if r.choices and value not in r.choices:
         return f"{key} must be one of {', '.join(r.choices)}, not {value!r}"
+    if r.items and value and not set(value.split(",")) <= set(r.items):
+        return f"{key} must list some of {', '.join(r.items)}, comma-separated, not {value!r}"
     low, high = r.minimum, r.maximum
     if r.exclusive_minimum is not None and value <= r.exclusive_minimum:
         bounds = f"in ({r.exclusive_minimum:g}, {high:g}]" if high is not None else "positive"

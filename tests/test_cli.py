@@ -16,6 +16,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_complete_prints_the_suggestion_and_its_json(tmp_path, tiny_mqa_dir):
     source = tmp_path / "example.py"
     source.write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, \n")
+    other = tmp_path / "other.py"  # shares `add` with the code at the cursor
+    other.write_text("def add_all(pairs):\n    return [add(a, b) for a, b in pairs]\n")
+    unrelated = tmp_path / "unrelated.py"
+    unrelated.write_text("import socket\n")
     common = [
         "complete",
         str(source),
@@ -29,11 +33,19 @@ def test_complete_prints_the_suggestion_and_its_json(tmp_path, tiny_mqa_dir):
         "6",
         "--compilation-cache",
         "off",
+        "--context",
+        str(other),
+        "--context",
+        str(unrelated),
     ]
     as_json = _cli(*common, "--json")
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
-    assert data["prompt"].startswith("<fim_prefix><fim_suffix>")  # SPM by default
+    # StarCoder's format for another file, then the FIM prompt (SPM by default).
+    context = data["context"]
+    assert context["text"] == f"<filename>{other}\n{other.read_text()}<|endoftext|>"
+    assert [c["path"] for c in context["chunks"]] == [str(other)] and context["tokens"] > 10
+    assert data["prompt"].startswith(context["text"] + "<fim_prefix><fim_suffix>")
     assert data["prompt"].endswith("print(add(1, ")
     assert 0 < data["generated_tokens"] <= 6 and data["seconds"]["total"] > 0
     assert "key/value cache: 1 slots" in as_json.stderr

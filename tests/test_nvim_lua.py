@@ -366,3 +366,25 @@ def test_a_remote_server_that_refuses_is_retried_quietly_then_reported_once(vers
     assert "Could not connect" not in messages and "quit with exit code" not in messages, messages
     assert stats[0] is False
     assert re.match(rf"connecting to 127.0.0.1:{port} \(try \d\): .*ECONNREFUSED", stats[1]), stats
+
+
+def test_context_sends_at_most_max_chars_of_a_buffer_and_of_a_yank(nvim):
+    """context.lua: a visit sends the buffer's first lines within MAX_CHARS bytes (the
+    server keeps no more), a yank its lines with a final newline."""
+    code = """
+    local context = require('starcoder.context')
+    context.MAX_CHARS = 10
+    local buf = vim.api.nvim_create_buf(false, true)
+    vim.api.nvim_buf_set_lines(buf, 0, -1, false, { 'abc', 'defg', 'hijklm', 'n' })
+    local head = context.head(buf)
+    vim.api.nvim_buf_set_lines(buf, 0, -1, false, { string.rep('x', 30) })
+    local one = context.head(buf)
+    local long = context.text({ string.rep('y', 30) })
+    context.MAX_CHARS = 262144
+    return { head, one, context.text({ 'a', 'b' }), long, context.yank_uri(buf):sub(-5) }
+    """
+    head, one, text, long, fragment = lua(nvim, code)
+    # Offsets of the line starts: abc\n = 4, defg\n = 9, hijklm\n = 16: two lines fit 10.
+    assert head == ["abc", "defg"]
+    assert one == ["x" * 30]  # one line at least, cut by text()
+    assert text == "a\nb\n" and long == "y" * 10 and fragment == "#yank"

@@ -281,6 +281,30 @@ def test_docstring_command_inserts_the_docstring(editor: Editor) -> None:
     assert editor.lines() == before[:4] + docstring + before[4:]
 
 
+GEOMETRY = "class Rectangle:\n    def __init__(self, width, height):\n        self.width = width\n"
+NOTES = "import socket\nperimeter = 2 * (rectangle.width + rectangle.height)\n"
+USES = "from geometry import Rectangle\n\nbox = Rectangle(width=3, height=4)\nprint(box."
+
+
+def test_visited_files_and_yanks_reach_the_server_as_context(editor: Editor) -> None:
+    """The server knows geometry.py only from the plugin's push at BufEnter (the buffer is
+    wiped before the request), and the perimeter line only from the yank: the cut removed it
+    from notes.py, which was written and wiped before the request."""
+    editor.open("geometry.py", GEOMETRY)
+    editor.nvim.command("bwipeout!")
+    editor.open("notes.py", NOTES)
+    editor.nvim.command("2delete")  # TextYankPost: a cut is a yank too
+    editor.nvim.command("write")
+    editor.nvim.command("bwipeout!")
+    editor.open("uses.py", USES)
+    editor.insert_at(3, len("print(box."))
+    editor.request_directly()
+    editor.nvim.input("<Esc>")
+    context = editor.stats()["lastContext"]
+    assert "geometry.py:1" in context and "notes.py:1" in context, context
+    assert not any(chunk.startswith("uses.py") for chunk in context), context
+
+
 def test_checkhealth_reports_the_model_loaded(editor: Editor) -> None:
     editor.nvim.command("checkhealth starcoder")
     report = "\n".join(editor.nvim.current.buffer[:])

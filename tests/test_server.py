@@ -243,6 +243,60 @@ async def test_two_clients_get_answers_for_their_own_documents(tcp_server: Serve
         await client.close()
 
 
+SHAPES = (
+    "class Rectangle:\n"
+    "    def __init__(self, width, height):\n"
+    "        self.width = width\n"
+    "        self.height = height\n"
+)
+USES_SHAPES = "from shapes import Rectangle\n\nbox = Rectangle(width=3, height=4)\nprint(box."
+
+
+async def test_cross_file_context_comes_from_the_connection_s_own_files(tcp_server: Server) -> None:
+    """Chunks of a client's other files and pushed text reach its prompts; another client's
+    documents and pushes never do, however much they resemble the code at the cursor."""
+    mine, theirs = await connect(tcp_server), await connect(tcp_server)
+    main, end = "file:///mine/main.py", (3, len("print(box."))
+    await theirs.open("file:///theirs/secret.py", SHAPES)
+    await theirs.notify("starcoder/context", {"uri": "file:///theirs/yank.py", "text": SHAPES})
+    await mine.open(main, USES_SHAPES)
+    assert "result" in await mine.inline(main, *end)
+    stats = (await mine.request("starcoder/stats"))["result"]
+    assert (stats["lastContext"], stats["contextTokens"]) == ([], 0)
+
+    await mine.notify("starcoder/context", {"uri": "file:///mine/shapes.py", "text": SHAPES})
+    await mine.open("file:///mine/unrelated.py", "import socket\nsocket.create_connection\n")
+    assert "result" in await mine.inline(main, *end)
+    assert "result" in await mine.inline(main, *end)  # the same block: built once
+    stats = (await mine.request("starcoder/stats"))["result"]
+    assert stats["lastContext"] == ["shapes.py:1"]
+    assert stats["contextTokens"] > 0 and stats["contextRequests"] >= 1
+    builds = stats["contextBuilds"]
+    # Typing, even sent as whole texts, keeps the block (the cursor stays in its region).
+    for version, typed in enumerate(("a", "ar", "are"), start=2):
+        await mine.change(main, version, {"text": USES_SHAPES + typed})
+        assert "result" in await mine.inline(main, end[0], end[1] + len(typed))
+    assert (await mine.request("starcoder/stats"))["result"]["contextBuilds"] == builds
+    await mine.notify(
+        "textDocument/didSave", {"textDocument": {"uri": "file:///mine/unrelated.py"}}
+    )
+    await mine.inline(main, *end)
+    assert (await mine.request("starcoder/stats"))["result"]["contextBuilds"] == builds + 1
+    # A yank (a URI with a fragment) from another file is quoted under that file's path; one
+    # from the current document is not (its text is in the prompt already).
+    scale = "def scale(rectangle, width, height):\n    return Rectangle(width * 2, height * 2)\n"
+    await mine.notify("starcoder/context", {"uri": "file:///mine/notes.py#yank", "text": scale})
+    await mine.notify("starcoder/context", {"uri": main + "#yank", "text": USES_SHAPES * 2})
+    await mine.inline(main, *end)
+    stats = (await mine.request("starcoder/stats"))["result"]
+    assert stats["lastContext"] == ["shapes.py:1", "notes.py:1"]
+    # A push that is not {uri: string, text: string} is dropped, and the server serves on.
+    await mine.notify("starcoder/context", {"uri": 5})
+    assert "result" in await mine.inline(main, *end)
+    for client in (mine, theirs):
+        await client.close()
+
+
 async def test_exit_ends_only_its_connection(tcp_server: Server) -> None:
     leaving = await connect(tcp_server)
     await leaving.request("shutdown")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,9 @@ def test_wire_names_are_the_fields_in_camel_case():
         "multiline",
         "minChars",
         "filename",
+        "crossFileContext",
+        "crossFileTokens",
+        "crossFileSources",
     ]
 
 
@@ -90,6 +94,11 @@ def test_json_schema_follows_the_fields():
     assert schema["prefixTokens"]["type"] == ["integer", "null"]
     assert schema["fimMode"]["enum"] == ["spm", "psm", None]  # None: the model's own order
     assert schema["multiline"]["enum"] == ["auto", "always", "never"]
+    # A comma-separated list: the schema's pattern accepts what the check accepts.
+    pattern = re.compile(schema["crossFileSources"]["pattern"])
+    for value in ("open,edited,pushed", "pushed", "", "open,disk", "open,"):
+        accepted = Settings().updated({"crossFileSources": value}) if pattern.match(value) else None
+        assert (accepted is not None) == (value in ("open,edited,pushed", "pushed", ""))
 
 
 def test_the_settings_command_prints_the_schema():

@@ -20,10 +20,12 @@ import {
 import { RETRY_MAX_MS, RemoteLink, type RetryEvent } from './connection';
 import {
   CONNECTION_KEYS,
+  CONTEXT_NOTIFICATION,
   GENERATE_DOCSTRING,
   STATS_REQUEST,
   initializationOptions,
   isEnabled,
+  contextParams,
   isRemote,
   readSettings,
   serverCommand,
@@ -308,6 +310,19 @@ async function toggle(): Promise<void> {
   await configuration.update('enabled', !isEnabled(settings()), vscode.ConfigurationTarget.Global);
 }
 
+/** Sends the document the user visits (or saves) to the server as cross-file context. */
+async function visited(document: vscode.TextDocument | undefined): Promise<void> {
+  const running = client?.isRunning() ? client : undefined;
+  if (!document || !running) {
+    return;
+  }
+  const uri = running.code2ProtocolConverter.asUri(document.uri);
+  const params = contextParams(settings(), uri, document.getText());
+  if (params) {
+    await running.sendNotification(CONTEXT_NOTIFICATION, params);
+  }
+}
+
 async function onConfigurationChanged(event: vscode.ConfigurationChangeEvent): Promise<void> {
   if (!event.affectsConfiguration('starcoder')) {
     return;
@@ -336,10 +351,12 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand('starcoder.toggle', toggle),
     vscode.commands.registerCommand('starcoder.restartServer', restart),
     vscode.workspace.onDidChangeConfiguration(onConfigurationChanged),
+    vscode.window.onDidChangeActiveTextEditor((editor) => visited(editor?.document)),
+    vscode.workspace.onDidSaveTextDocument((document) => visited(document)),
   );
   // Not awaited: VS Code holds the commands of an extension that is still activating, and a
-  // remote server may take a while to reach.
-  void start();
+  // remote server may take a while to reach. The file open at startup counts as visited.
+  void start().then(() => visited(vscode.window.activeTextEditor?.document));
 }
 
 export async function deactivate(): Promise<void> {

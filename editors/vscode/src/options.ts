@@ -143,6 +143,29 @@ export function isRemote(settings: Settings): boolean {
 export const GENERATE_DOCSTRING = 'starcoder.generateDocstring';
 export const STATS_REQUEST = 'starcoder/stats';
 
+/** Text offered to the server as cross-file context: `{ uri, text }`. */
+export const CONTEXT_NOTIFICATION = 'starcoder/context';
+
+/** What the server keeps of each text it is sent; more only costs the wire. */
+export const MAX_CONTEXT_CHARS = 262_144;
+
+/**
+ * The `starcoder/context` params for a document the user visited, or undefined when there is
+ * nothing to send: cross-file context is off, the document is not a file (an output channel,
+ * a diff), or it is blank. The server never reads the disk (it may be remote): a file the user
+ * visited and closed is known to it from this message only.
+ */
+export function contextParams(
+  settings: Settings,
+  uri: string,
+  text: string,
+): { uri: string; text: string } | undefined {
+  if (settings.server.crossFileContext === false || !uri.startsWith('file:') || !/\S/.test(text)) {
+    return undefined;
+  }
+  return { uri, text: text.slice(0, MAX_CONTEXT_CHARS) };
+}
+
 /** The reply of `starcoder/stats`. */
 export interface Stats {
   ready: boolean;
@@ -156,6 +179,9 @@ export interface Stats {
   empty: number;
   cacheHits: number;
   cacheRequests: number;
+  contextTokens: number;
+  contextRequests: number;
+  lastContext: string[];
   latencyMs: { p50?: number; p90?: number; p99?: number };
 }
 

@@ -45,6 +45,9 @@ test('the server settings are the properties besides the connection ones', () =>
     'prefixTokens',
     'suffixTokens',
     'filename',
+    'crossFileContext',
+    'crossFileTokens',
+    'crossFileSources',
   ]);
   assert.ok(SERVER_KEYS.every((key) => !CONNECTION_KEYS.includes(key.split('.')[0])));
 });
@@ -60,6 +63,8 @@ test("the defaults come from package.json; null ones (fimMode: the model's own) 
     multiline: 'auto',
     minChars: 1,
     filename: false,
+    crossFileContext: true,
+    crossFileSources: 'open,edited,pushed',
   });
 });
 
@@ -82,6 +87,8 @@ test('settings the user changed are sent, filename and the token too', () => {
     minChars: 1,
     prefixTokens: 100,
     filename: true,
+    crossFileContext: true,
+    crossFileSources: 'open,edited,pushed',
     token: 'secret',
   });
 });

@@ -42,9 +42,11 @@ interface ProgressParams {
   value: unknown;
 }
 import {
+  CONTEXT_NOTIFICATION,
   DEFAULT_SETTINGS,
   GENERATE_DOCSTRING,
   STATS_REQUEST,
+  contextParams,
   initializationOptions,
   serverCommand,
   type DocstringResult,
@@ -310,6 +312,29 @@ describe('starcoder-lsp spawned as the extension spawns it', { timeout: TIMEOUT_
       ...lines.slice(4),
     ];
     assert.equal(session.documents.get(uri), expected.join('\n'));
+  });
+
+  test('a visited file reaches the server as cross-file context, and only when it is on', async () => {
+    const shapes = [
+      'class Rectangle:',
+      '    def __init__(self, width, height):',
+      '        self.width = width',
+      '',
+    ];
+    const visited = contextParams(settings, 'file:///workspace/geometry.py', shapes.join('\n'));
+    assert.ok(visited);
+    const off = { ...settings, server: { ...settings.server, crossFileContext: false } };
+    assert.equal(contextParams(off, 'file:///workspace/geometry.py', shapes.join('\n')), undefined);
+    assert.equal(contextParams(settings, 'output:extension-output', 'x = 1'), undefined);
+    // As the extension sends it when the user visits geometry.py; the file is not open.
+    await session.connection.sendNotification(CONTEXT_NOTIFICATION, visited);
+    const uri = 'file:///workspace/uses.py';
+    const text = 'from geometry import Rectangle\n\nbox = Rectangle(width=3, height=4)\nprint(box.';
+    await session.open(uri, text);
+    await session.complete(uri, { line: 3, character: 'print(box.'.length });
+    const stats = await session.stats();
+    assert.deepEqual(stats.lastContext, ['geometry.py:1']);
+    assert.ok(stats.contextTokens > 0);
   });
 });
 

@@ -25,6 +25,7 @@ local M = {}
 ---@field auto_trigger? boolean ask while typing; false: only on keys.next
 ---@field debounce_ms? number wait after the last keystroke before asking
 ---@field builtin? boolean Neovim >= 0.12: vim.lsp.inline_completion shows the suggestions
+---@field context? boolean send visited files and yanks to the server as cross-file context
 ---@field keys? starcoder.Keys
 ---@field hl_group? string highlight group of the suggestion, linked to Comment
 
@@ -52,6 +53,9 @@ M.defaults = {
   debounce_ms = 75,
   -- Neovim >= 0.12: let vim.lsp.inline_completion show and accept the suggestions.
   builtin = false,
+  -- Send the files you visit and the text you yank to the server (`starcoder/context`), which
+  -- quotes the chunks most like the code at the cursor ahead of its prompts.
+  context = true,
 
   -- Insert-mode keys; false leaves a key unmapped. Where no suggestion is shown, each key
   -- does what it did before.
@@ -82,6 +86,9 @@ M.server_settings = {
   multiline = "string",
   minChars = "number",
   filename = "boolean",
+  crossFileContext = "boolean",
+  crossFileTokens = "number?",
+  crossFileSources = "string",
 }
 
 --- What else the server reads from initializationOptions, at initialize only.
@@ -138,6 +145,7 @@ local function check(options)
     auto_trigger = { options.auto_trigger, "boolean" },
     debounce_ms = { options.debounce_ms, "number" },
     builtin = { options.builtin, "boolean" },
+    context = { options.context, "boolean" },
     keys = { options.keys, "table" },
     hl_group = { options.hl_group, "string" },
   })

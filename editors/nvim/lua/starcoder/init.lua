@@ -7,6 +7,7 @@ local builtin = require("starcoder.builtin")
 local client = require("starcoder.client")
 local compat = require("starcoder.compat")
 local config = require("starcoder.config")
+local context = require("starcoder.context")
 local docstring = require("starcoder.docstring")
 local keymaps = require("starcoder.keymaps")
 local render = require("starcoder.render")
@@ -50,6 +51,9 @@ function M.setup(user)
       attach(event.buf)
     end,
   })
+  if options.context then
+    context.setup(group)
+  end
   api.nvim_create_autocmd("ColorScheme", { group = group, callback = setup_highlight })
   api.nvim_create_autocmd({ "ColorScheme", "OptionSet" }, {
     group = group,
