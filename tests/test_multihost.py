@@ -129,6 +129,7 @@ def test_a_follower_waits_for_the_leader_to_open_its_side_channel() -> None:
     follower.start()
     time.sleep(1.0)  # the follower's first tries are refused
     with socket.create_server(("127.0.0.1", port)) as listener:
+        listener.settimeout(10)  # a follower that gave up never comes: fail, not hang
         connection, _ = listener.accept()
         with connection:
             multihost._send(connection, ("close", []))
