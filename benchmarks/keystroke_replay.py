@@ -11,6 +11,9 @@ on, so latencies never overlap: what is measured is the time from a keystroke to
 suggestion. Timing does not depend on weight values, so random weights in the real shapes
 (`starcoder-lsp make-random-model --preset tiny_starcoder_py`) measure the real thing.
 
+With --quantize int8 the same stretch is also typed with the weights in int8 (its median
+against the plain SPM variant's is what 8-bit weights are worth per keystroke).
+
 The cross-file variant types the same stretch with three other standard-library files open
 (`--other`), their chunks most like the code at the cursor ahead of the prompt: its median
 latency against the plain SPM variant's is the price of cross-file context per keystroke.
@@ -194,6 +197,11 @@ def main() -> None:
         "--baseline-every", type=int, default=12, help="no-cache and transformers: every Nth pause"
     )
     parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="also type with the model's weights quantized (a variant beside SPM + cache)",
+    )
+    parser.add_argument(
         "--no-transformers",
         action="store_true",
         help="skip transformers (a model whose float32 weights fit memory once, not twice)",
@@ -220,7 +228,7 @@ def main() -> None:
     # default) every few pauses, to keep the benchmark short.
     quarter = default_budgets(runner.max_len, args.max_new_tokens, "spm")[1]
     others = [Source(name, name, (args.file.parent / name).read_text()) for name in args.other]
-    variants = (
+    variants = [
         ("SPM + prefix cache", "spm", True, 1, None, False),
         (f"SPM + cache + {len(others)} files open", "spm", True, 1, None, True),
         (f"PSM + cache, suffix ≤{PSM_SUFFIX_TOKENS}", "psm", True, 1, None, False),
@@ -233,12 +241,19 @@ def main() -> None:
             False,
         ),
         ("SPM, no cache", "spm", False, args.baseline_every, None, False),
-    )
+    ]
+    models = {name: (ckpt, runner) for name, *_ in variants}
+    if args.quantize:
+        name = f"SPM + prefix cache, {args.quantize}"
+        quantized = load_checkpoint(ModelOptions(args.model, quantize=args.quantize))
+        models[name] = (quantized, Runner.from_checkpoint(quantized, slots=4))
+        variants.insert(1, (name, "spm", True, 1, None, False))
     for name, mode, cached, every, suffix, cross_file in variants:
-        engine = build_engine(ckpt, runner, prefix_cache=cached)
+        model, model_runner = models[name]
+        engine = build_engine(model, model_runner, prefix_cache=cached)
         engine.start(lambda i, n, what: print(f"\r{what} {i}/{n}", end="", file=sys.stderr))
         engine.ready.wait()
-        completer = completer_for(ckpt, engine)
+        completer = completer_for(model, engine)
         settings = Settings(
             fim_mode=mode,
             max_new_tokens=args.max_new_tokens,
@@ -269,10 +284,15 @@ def main() -> None:
     print(HEADER)
     for stats in all_stats:
         print(stats.row())
-    plain, cross = all_stats[0], all_stats[1]
+    plain = all_stats[0]
+    cross = next(s for s in all_stats if "files open" in s.name)
     if plain.latency and cross.latency:
         ratio = statistics.median(cross.latency) / statistics.median(plain.latency)
         print(f"\nmedian latency, {cross.name} ÷ {plain.name}: {ratio:.2f}×")
+    for stats in all_stats:
+        if args.quantize and stats.name.endswith(args.quantize) and stats.latency:
+            ratio = statistics.median(plain.latency) / statistics.median(stats.latency)
+            print(f"median latency, {plain.name} ÷ {stats.name}: {ratio:.2f}×")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,11 @@ class PromptLookup:
         pass
 
 
+# A row missing at most this many tokens catches up in decode steps batched with the other
+# rows (one step reads the weights once for all of them); more, in a prefill of its own.
+FEW_MISSING = 2
+
+
 @dataclass
 class _DraftSlot:
     lease: Lease
@@ -111,13 +116,14 @@ class DraftModel:
     ) -> tuple[list[list[int]], np.ndarray]:
         if self._cache is None:
             self._cache = self.runner.new_cache()
-        for row in rows:
-            self._catch_up(row)
+        self._catch_up(rows)
         slots = [self._rows[r.key].lease.slot for r in rows]
         last = [r.tokens[-1] for r in rows]
         positions = [len(r.tokens) - 1 for r in rows]
+        # A row that asks for one draft (a budget turned down, or a retry) costs one step.
+        steps = 1 if max(r.wanted for r in rows) <= 1 else self.k
         out, probs, self._cache = self.runner.propose(
-            self._cache, slots, last, positions, sampling, key
+            self._cache, slots, last, positions, sampling, key, steps
         )
         for row, proposed in zip(rows, out, strict=True):
             # It ran the last token and every proposal but the final one.
@@ -131,21 +137,33 @@ class DraftModel:
             valid = common_prefix(slot.held, written)
             self.prefix_cache.release(slot.lease, slot.held[:valid])
 
-    def _catch_up(self, row: DraftRow) -> None:
-        """Make the draft's slot hold all of the row's tokens but the last."""
-        needed = list(row.tokens[:-1])
-        slot = self._rows.get(row.key)
-        if slot is None:
-            lease = self.prefix_cache.acquire(row.tokens)
-            if lease is None:
-                raise RuntimeError("the draft model has fewer cache slots than the model")
-            slot = self._rows[row.key] = _DraftSlot(lease, needed[: lease.reuse])
-        start = common_prefix(slot.held, needed)
-        if start < len(needed):
-            _, self._cache, _ = self.runner.prefill(
-                self._cache, slot.lease.slot, needed[start:], start
-            )
-        slot.held = needed
+    def _catch_up(self, rows: Sequence[DraftRow]) -> None:
+        """Make each row's draft slot hold all of the row's tokens but the last. What the
+        last verification accepted (a token or two per row: the final proposal, whose keys
+        were never computed) goes in decode steps over all rows at once; more (a row's first
+        proposal, or after its drafting was off) is prefilled row by row."""
+        gaps: list[tuple[int, int, list[int]]] = []  # (slot, first missing position, tokens)
+        for row in rows:
+            needed = list(row.tokens[:-1])
+            slot = self._rows.get(row.key)
+            if slot is None:
+                lease = self.prefix_cache.acquire(row.tokens)
+                if lease is None:
+                    raise RuntimeError("the draft model has fewer cache slots than the model")
+                slot = self._rows[row.key] = _DraftSlot(lease, needed[: lease.reuse])
+            start = common_prefix(slot.held, needed)
+            missing = needed[start:]
+            if len(missing) > FEW_MISSING:
+                _, self._cache, _ = self.runner.prefill(
+                    self._cache, slot.lease.slot, missing, start
+                )
+            elif missing:
+                gaps.append((slot.lease.slot, start, missing))
+            slot.held = needed
+        for step in range(max((len(tokens) for *_, tokens in gaps), default=0)):
+            batch = [(s, at + step, tokens[step]) for s, at, tokens in gaps if len(tokens) > step]
+            slots, positions, tokens = (list(column) for column in zip(*batch, strict=True))
+            _, self._cache = self.runner.decode(self._cache, slots, tokens, positions)
 
 
 def check_same_vocabulary(model_tokenizer: object, draft_tokenizer: object, draft: str) -> None:

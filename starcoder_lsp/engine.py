@@ -180,6 +180,10 @@ class Engine:
             self._cv.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            # The cache is most of the engine's device memory (gigabytes for a 3B model's
+            # context): a closed engine gives it back, so that a process can build another.
+            self._cache = None
 
     def abort(self, error: Exception) -> None:
         """Fail every request now, from any thread, and take no more: for when the worker may

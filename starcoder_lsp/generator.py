@@ -234,9 +234,11 @@ class Generator:
         row_sampling = sampling.select(slots)
         if self.assistant is not None:
             assist_rows = [
+                # Budgets follow the slots across calls: a draft that agreed with nothing in
+                # the last call starts this one turned down, as a document's does in a server.
                 AssistRow(
                     key=r,
-                    group=r,
+                    group=r.slot,
                     tokens=[*r.prompt, *r.tokens],
                     slot=r.slot,
                     room=min(max_new_tokens - len(r.tokens), self.runner.max_len - r.position - 1),

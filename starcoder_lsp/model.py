@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from starcoder_lsp import int8_kernel
 from starcoder_lsp.attention import (
     PAST_BLOCK,
     PastKV,
@@ -64,19 +65,26 @@ def project(x: jax.Array, weight: jax.Array) -> jax.Array:
 
 # On one CPU device, XLA's dot of an int8 weight (converted in the product, or int8 × int8)
 # runs 6-7× slower than float32's, element by element (measured on tiny_starcoder_py's
-# matrices, benchmarks in the closing note of issue 19): the product is taken in blocks of
-# this many rows instead, each converted to float32 where it sits in the CPU's cache.
+# matrices, benchmarks in the closing note of issue 19). The few rows of a decode step go to
+# our kernel (int8_kernel.py), which reads the int8 bytes at memory speed; where it cannot be
+# built, the product is taken in blocks of this many rows, each converted to float32 where it
+# sits in the CPU's cache (1.2-1.35× faster than float32 weights, against the kernel's 3×).
 CPU_INT8_BLOCK = 128
 
 
-def project_int8(x: jax.Array, weight: jax.Array, scale: jax.Array) -> jax.Array:
+def project_int8(
+    x: jax.Array, weight: jax.Array, scale: jax.Array, one_cpu: bool = False
+) -> jax.Array:
     """x [..., in] · (weight · scale)ᵀ for an int8 weight [out, in] with a scale per row
     [out]: the scale is applied to the product, never to the weight, so the weight is read as
-    the int8 it is stored as."""
+    the int8 it is stored as. one_cpu: the weight is whole on one CPU device."""
     rows = x.reshape(-1, x.shape[-1])
     contract = (((1,), (1,)), ((), ()))
     few = rows.shape[0] <= FEW_ROWS
-    if few and _one_cpu() and weight.shape[0] % CPU_INT8_BLOCK == 0:
+    if few and one_cpu and int8_kernel.available():
+        out = int8_kernel.int8_matmul(rows, weight, scale).astype(x.dtype)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    if few and one_cpu and weight.shape[0] % CPU_INT8_BLOCK == 0:
         blocks = weight.reshape(-1, CPU_INT8_BLOCK, weight.shape[1])
 
         def block(carry: None, w: jax.Array) -> tuple[None, jax.Array]:
@@ -94,9 +102,11 @@ def project_int8(x: jax.Array, weight: jax.Array, scale: jax.Array) -> jax.Array
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _one_cpu() -> bool:
-    """A single CPU device: where the weights are whole, so a loop over their rows is local."""
-    return jax.device_count() == 1 and jax.default_backend() == "cpu"
+def one_cpu(mesh: Mesh | None) -> bool:
+    """Whether the model runs on a single CPU device (its mesh's, or the only one): where the
+    weights are whole, so that a loop over their rows, or our CPU kernel, sees all of them."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+    return len(devices) == 1 and devices[0].platform == "cpu"
 
 
 class Linear(nn.Module):
@@ -107,6 +117,7 @@ class Linear(nn.Module):
     dtype: jnp.dtype
     use_bias: bool = True
     quantized: bool = False
+    one_cpu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +126,7 @@ class Linear(nn.Module):
         if self.quantized:
             weight = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
             scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
-            out = project_int8(x, weight, scale)
+            out = project_int8(x, weight, scale, self.one_cpu)
         else:
             weight = self.param("kernel", nn.initializers.normal(0.02), shape, self.dtype)
             out = project(x, weight)
@@ -132,6 +143,7 @@ class Embed(nn.Module):
     features: int
     dtype: jnp.dtype
     quantized: bool = False
+    one_cpu: bool = False
 
     def setup(self) -> None:
         shape = (self.num, self.features)
@@ -150,7 +162,7 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         if self.quantized:
-            return project_int8(x, self.embedding, self.scale)
+            return project_int8(x, self.embedding, self.scale, self.one_cpu)
         return project(x, self.embedding)
 
 
@@ -205,7 +217,7 @@ class Attention(LayerModule):
         heads, kv_heads, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         group = heads // kv_heads
         dense = lambda features, name: Linear(
-            features, self.dtype, cfg.use_bias, cfg.quantized, name=name
+            features, self.dtype, cfg.use_bias, cfg.quantized, one_cpu(self.mesh), name=name
         )
 
         q = dense(heads * hd, "q_proj")(x).reshape(batch, seq, kv_heads, group, hd)
@@ -243,13 +255,16 @@ class Attention(LayerModule):
 class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        h = Linear(cfg.inner_dim, self.dtype, cfg.use_bias, cfg.quantized, name="c_fc")(x)
-        h = activation(cfg.activation_function)(h)
-        return Linear(cfg.n_embd, self.dtype, cfg.use_bias, cfg.quantized, name="c_proj")(h)
+        dense = lambda features, name: Linear(
+            features, self.dtype, cfg.use_bias, cfg.quantized, one_cpu(self.mesh), name=name
+        )
+        h = activation(cfg.activation_function)(dense(cfg.inner_dim, "c_fc")(x))
+        return dense(cfg.n_embd, "c_proj")(h)
 
 
 class Block(LayerModule):
@@ -269,7 +284,7 @@ class Block(LayerModule):
         attention = Attention(cfg, self.dtype, self.layer, self.past_block, self.mesh, name="attn")
         attn_out, new_kv = attention(norm("ln_1")(x), positions, new_visible, past, recent)
         x = x + attn_out
-        x = x + MLP(cfg, self.dtype, name="mlp")(norm("ln_2")(x))
+        x = x + MLP(cfg, self.dtype, self.mesh, name="mlp")(norm("ln_2")(x))
         return x, new_kv
 
 
@@ -304,7 +319,8 @@ class GPTBigCode(nn.Module):
         recent: RecentKV | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        wte = Embed(cfg.vocab_size, cfg.n_embd, self.dtype, cfg.quantized, name="wte")
+        local = one_cpu(self.mesh)
+        wte = Embed(cfg.vocab_size, cfg.n_embd, self.dtype, cfg.quantized, local, name="wte")
         x = wte(tokens)  # [b, s, d]
         if cfg.learned_positions:  # one row a step: never quantized
             x = x + Embed(cfg.n_positions, cfg.n_embd, self.dtype, name="wpe")(positions)
@@ -328,7 +344,7 @@ class GPTBigCode(nn.Module):
         if cfg.tie_word_embeddings:  # the LM head is the token embedding
             logits = wte.attend(x)
         else:
-            head = Linear(cfg.vocab_size, self.dtype, False, cfg.quantized, name="lm_head")
+            head = Linear(cfg.vocab_size, self.dtype, False, cfg.quantized, local, name="lm_head")
             logits = head(x)
         return logits.astype(jnp.float32), jnp.stack(new_kv)
 

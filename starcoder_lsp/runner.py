@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 DEFAULT_CHUNKS = (4, 16, 64, 256)
 DEFAULT_BATCHES = (1, 2, 4, 8)
 PREFILL, DECODE, MULTI_STEP, VERIFY = "prefill", "decode", "multi-step decode", "verify"
+# A draft model's runner also proposes a single token, for rows that ask for only one.
+ONE_DRAFT = "one-token draft"
 
 
 def _bucket(sizes: Sequence[int], n: int) -> int:
@@ -207,11 +209,16 @@ class Runner:
         positions: Sequence[int],
         sampling: Sampling,
         key: jax.Array,
+        steps: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, jax.Array]:
         """`decode_steps`, also returning, with steps_with_probs, the distribution each token
-        was drawn from [len(slots), steps, vocab]: what a draft model proposes."""
+        was drawn from [len(slots), steps, vocab]: what a draft model proposes. `steps` is
+        steps_per_call (the default) or, with steps_with_probs, 1."""
+        count = steps or self.steps_per_call
+        if count not in (1, self.steps_per_call) or (count == 1 and not self.steps_with_probs):
+            raise ValueError(f"this runner proposes {self.steps_per_call} tokens, not {count}")
         source, rows = self._decode_rows(slots, tokens, positions)
-        out, probs, cache = self._steps(cache, rows, sampling.select(source), key)
+        out, probs, cache = self._steps(cache, rows, sampling.select(source), key, count)
         n = len(slots)
         return out[:n], None if probs is None else probs[:n], cache
 
@@ -288,9 +295,14 @@ class Runner:
         return steps.to_host(accepted), steps.to_host(following), cache
 
     def _steps(
-        self, cache: jax.Array, rows: StepRows, sampling: Sampling, key: jax.Array
+        self,
+        cache: jax.Array,
+        rows: StepRows,
+        sampling: Sampling,
+        key: jax.Array,
+        count: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, jax.Array]:
-        count, with_probs = self.steps_per_call, self.steps_with_probs
+        count, with_probs = count or self.steps_per_call, self.steps_with_probs
         args = (cache, rows, sampling, key, count, with_probs)
         out, recent, probs = steps.decode_steps(self.model, self.params, *args)
         at = rows.positions[:, None] + np.arange(count, dtype=np.int32)
@@ -335,6 +347,8 @@ class Runner:
         shapes = [(PREFILL, c) for c in self.chunks] + [(DECODE, b) for b in self.batches]
         if self.steps_per_call > 1:
             shapes += [(MULTI_STEP, b) for b in self.batches]
+        if self.steps_with_probs:
+            shapes += [(ONE_DRAFT, b) for b in self.batches]
         if self.draft_tokens:
             shapes += [(VERIFY, b) for b in self.batches]
         return shapes
@@ -349,8 +363,9 @@ class Runner:
                 progress(i, len(shapes), f"compiling {kind} {size}")
             rows = self._idle_rows(kind, size)
             sampling = Sampling.rows(1.0, 0.9, 5, batch=1 if kind == PREFILL else size)
-            if kind == MULTI_STEP:
-                _, _, cache = self._steps(cache, rows, sampling, key)
+            if kind in (MULTI_STEP, ONE_DRAFT):
+                count = 1 if kind == ONE_DRAFT else self.steps_per_call
+                _, _, cache = self._steps(cache, rows, sampling, key, count)
                 continue
             if kind == VERIFY:
                 counts, probs = np.zeros(size, np.int32), self._idle_draft_probs(size)
@@ -369,8 +384,9 @@ class Runner:
         cache = jax.ShapeDtypeStruct(self._cache_shape, self.dtype, sharding=self._cache_sharding)
         rows = self._idle_rows(kind, size)
         sampling, key = Sampling.rows(1.0, 0.9, 5, batch=size), jax.random.PRNGKey(0)
-        if kind == MULTI_STEP:
-            args = (cache, rows, sampling, key, self.steps_per_call, self.steps_with_probs)
+        if kind in (MULTI_STEP, ONE_DRAFT):
+            count = 1 if kind == ONE_DRAFT else self.steps_per_call
+            args = (cache, rows, sampling, key, count, self.steps_with_probs)
             return steps.decode_steps.lower(self.model, self.params, *args)
         if kind == VERIFY:
             counts, probs = np.zeros(size, np.int32), self._idle_draft_probs(size)
@@ -398,4 +414,4 @@ class Runner:
             return rows._replace(
                 tokens=wide(rows.tokens), positions=wide(rows.positions), valid=wide(rows.valid)
             )
-        return rows if kind == MULTI_STEP else one_token_each(rows)
+        return rows if kind in (MULTI_STEP, ONE_DRAFT) else one_token_each(rows)

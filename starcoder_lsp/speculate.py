@@ -45,30 +45,35 @@ def prompt_lookup(tokens: Sequence[int], k: int, ngram: int = 3, min_ngram: int 
 class DraftBudget:
     """How many draft tokens a document's requests ask for, from how many were accepted.
 
-    Starts at `k`. After each verification the running acceptance rate (an exponential
-    average) decides: below `low` the budget halves, down to 0 (plain decoding); above `high`
-    it doubles back up to k. A document that is off is tried again with one draft token every
-    `retry` steps, so that a stretch of code that starts repeating itself is noticed.
+    Starts at one draft token: a draft that is wrong from the start wastes one token's check,
+    not k. After each verification the running acceptance rate (an exponential average)
+    decides: above `high` the budget doubles, up to k; below `low` it halves, down to 0 (plain
+    decoding). A document that is off is tried again with one draft token after `retry`
+    steps, so that a stretch of code that starts repeating itself is noticed; each retry that
+    fails doubles the wait (up to `max_retry`), so that a draft that agrees with nothing costs
+    a few percent of plain decoding, and one that succeeds turns the draft back on.
     """
 
     k: int
     low: float = 0.25
     high: float = 0.5
     retry: int = 16
-    rate: float = 0.5
+    max_retry: int = 256
+    rate: float = 0.4
     decay: float = 0.8
-    current: int = -1
+    current: int = 1
+    _wait: int = 0
     _idle: int = 0
 
     def __post_init__(self) -> None:
-        if self.current < 0:
-            self.current = self.k
+        self.current = min(self.current, self.k)
+        self._wait = self._wait or self.retry
 
     def drafts(self) -> int:
         """How many draft tokens to ask for now."""
         if self.current == 0:
             self._idle += 1
-            if self._idle >= self.retry:
+            if self._idle >= self._wait:
                 self._idle = 0
                 return 1
         return self.current
@@ -77,7 +82,12 @@ class DraftBudget:
         if drafted == 0:
             return
         self.rate = self.decay * self.rate + (1 - self.decay) * accepted / drafted
-        if self.rate < self.low:
+        if self.current == 0:  # a retry
+            if accepted:
+                self.current, self.rate, self._wait = 1, max(self.rate, self.high), self.retry
+            else:
+                self._wait = min(2 * self._wait, self.max_retry)
+        elif self.rate < self.low:
             self.current //= 2
         elif self.rate > self.high and self.current < self.k:
-            self.current = min(self.k, max(1, self.current * 2))
+            self.current = min(self.k, self.current * 2)

@@ -108,16 +108,36 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert prompt_lookup([4, 1, 2, 9, 2], 2, ngram=3) == [9, 2]  # falls back to one token
 
 
-def test_a_draft_that_keeps_failing_is_turned_down_and_retried():
-    budget = DraftBudget(4, retry=5)
-    for _ in range(6):
-        budget.record(budget.drafts() or 1, 0)
-    assert budget.current == 0
-    asked = [budget.drafts() for _ in range(10)]
-    assert asked.count(1) == 2 and asked.count(0) == 8  # one try every 5 steps
-    for _ in range(8):
-        budget.record(1, 1)
-    assert budget.current == 4  # accepted again: back to the full budget
+def test_a_draft_that_is_accepted_grows_from_one_token_to_k():
+    budget = DraftBudget(4)
+    asked = []
+    for _ in range(4):
+        asked.append(budget.drafts())
+        budget.record(asked[-1], asked[-1])
+    assert asked == [1, 2, 4, 4]
+
+
+def test_a_draft_that_keeps_failing_is_turned_off_and_retried_ever_less_often():
+    budget = DraftBudget(4, retry=5, max_retry=20)
+    asked = []
+    for _ in range(60):
+        asked.append(budget.drafts())
+        if asked[-1]:
+            budget.record(asked[-1], 0)
+    assert max(asked) == 1  # never more than one wasted draft token at a time
+    tries = [i for i, n in enumerate(asked) if n]
+    turned_off = 3  # three misses bring the acceptance rate under `low`
+    assert tries[:turned_off] == [0, 1, 2]
+    # Off: a retry after 5 idle steps, then after 10, 20 and 20 (the cap) as each one fails.
+    gaps = [b - a for a, b in zip(tries[turned_off - 1 :], tries[turned_off:], strict=False)]
+    assert gaps == [5, 10, 20, 20]
+    while not budget.drafts():
+        pass
+    budget.record(1, 1)  # a retry that succeeds turns the draft back on
+    for _ in range(3):
+        n = budget.drafts()
+        budget.record(n, n)
+    assert budget.current == 4
 
 
 # --- on the test checkpoints ---------------------------------------------------------------------

@@ -6,18 +6,19 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
 
-from starcoder_lsp import checkpoint, sharding
+from starcoder_lsp import checkpoint, int8_kernel, sharding
 from starcoder_lsp.bench import weight_bytes
 from starcoder_lsp.errors import CheckpointError
 from starcoder_lsp.factory import ModelOptions
 from starcoder_lsp.model import GPTBigCode, empty_past
 from starcoder_lsp.quantize import dequantize_rows, quantize_checkpoint, quantize_rows
-from starcoder_lsp.runner import Runner
+from starcoder_lsp.runner import DECODE, PREFILL, Runner
 
 # The logits of the int8 model stay within this share of the float32 logits' spread.
 LOGIT_TOLERANCE = 0.05
@@ -120,6 +121,36 @@ def test_the_int8_model_generates_through_the_runner_on_a_2x4_mesh(tiny_mqa_dir)
         outputs[shape] = [*logits, np.asarray(step)]
     for a, b in zip(outputs["2x4"], outputs["1x1"], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 37, 100), (3, 768, 130), (9, 48, 256), (16, 64, 65)])
+def test_the_cpu_kernel_multiplies_as_numpy_does(m, k, n):
+    """Rows in groups of 8 and a remainder, a weight width that is no multiple of 16, more
+    output rows than one thread's block, and fewer."""
+    assert int8_kernel.available()  # built here, with this machine's C++ compiler
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    scale = rng.random(n).astype(np.float32)
+    got = np.asarray(jax.jit(int8_kernel.int8_matmul)(x, w, scale))
+    expected = (x.astype(np.float64) @ w.T.astype(np.float64)) * scale
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_few_rows_on_one_cpu_device_go_to_the_kernel(tiny_mqa_dir):
+    """A decode step on a 1x1 mesh calls the kernel for every matrix; a long prefill chunk only
+    for the LM head (its last token's); a mesh of several devices keeps XLA's product."""
+    calls = lambda runner, kind, size: (
+        runner.lower(kind, size).as_text().count(f"custom_call @{int8_kernel.TARGET}(")
+    )
+    ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("1x1"), quantize="int8")
+    runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
+    matrices = 5 * ckpt.config.n_layer + 1  # query, key/value, attention out, MLP in, out; head
+    assert calls(runner, DECODE, 2) == matrices
+    assert calls(runner, PREFILL, 32) == 1
+    ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("2x4"), quantize="int8")
+    runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
+    assert calls(runner, DECODE, 2) == 0
 
 
 def test_an_unknown_quantization_is_refused(tiny_mqa_dir):

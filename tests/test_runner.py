@@ -13,7 +13,7 @@ import pytest
 from starcoder_lsp import checkpoint, sharding
 from starcoder_lsp.compilation import compilations
 from starcoder_lsp.generator import Generator
-from starcoder_lsp.runner import DECODE, MULTI_STEP, PREFILL, Runner
+from starcoder_lsp.runner import DECODE, MULTI_STEP, ONE_DRAFT, PREFILL, Runner
 from starcoder_lsp.sampling import Sampling
 
 
@@ -165,6 +165,27 @@ def test_shapes_lists_every_compiled_program(ckpt):
         (MULTI_STEP, 2),
         (MULTI_STEP, 4),
     ]
+
+
+def test_a_draft_runner_proposes_k_tokens_or_one(ckpt):
+    runner = Runner.from_checkpoint(
+        ckpt, slots=2, chunks=(8, 32), batches=(1,), steps_per_call=3, steps_with_probs=True
+    )
+    assert [s for s in runner.shapes() if s[0] == ONE_DRAFT] == [(ONE_DRAFT, 1), (ONE_DRAFT, 2)]
+    cache = runner.warmup()
+    prompt = list(range(5, 30))
+    _, cache, _ = runner.prefill(cache, 0, prompt[:-1], 0)
+    greedy, key = Sampling.rows(0.0), jax.random.PRNGKey(0)
+    at = [len(prompt) - 1]
+    compiled = compilations()
+    many, many_probs, cache = runner.propose(cache, [0], prompt[-1:], at, greedy, key)
+    one, one_probs, cache = runner.propose(cache, [0], prompt[-1:], at, greedy, key, steps=1)
+    assert compilations() == compiled  # both were compiled by warmup
+    assert many.shape == (1, 3) and one.shape == (1, 1)
+    assert one[0, 0] == many[0, 0]
+    np.testing.assert_allclose(one_probs[0, 0], many_probs[0, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="proposes 3 tokens, not 2"):
+        runner.propose(cache, [0], prompt[-1:], at, greedy, key, steps=2)
 
 
 # --- meshes --------------------------------------------------------------------------------
