@@ -7,12 +7,13 @@ python3 -m venv .venv
 # torch (CPU) is only the reference the tests compare against; the server never imports it.
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
-# The editor clients' tests, from Debian: Neovim (bookworm's 0.7.2), Node.js and npm for the
-# VS Code extension, openssl for the TLS tests, tmux to read a terminal's screen, Chromium and
+# From Debian: g++ for the CPU int8 kernel, and for the editor clients' tests Neovim (bookworm's
+# 0.7.2), Node.js and npm for the VS Code extension, openssl for the TLS tests, tmux to read a terminal's screen, Chromium and
 # a monospace font to draw screens as pictures (and to drive VS Code), HAProxy to put replicas
 # behind a load balancer.
 missing=""
 command -v nvim >/dev/null || missing="$missing neovim"
+command -v g++ >/dev/null || missing="$missing g++"  # builds the CPU int8 kernel on first use
 command -v node >/dev/null || missing="$missing nodejs"
 command -v npm >/dev/null || missing="$missing npm"
 command -v openssl >/dev/null || missing="$missing openssl"

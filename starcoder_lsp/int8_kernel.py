@@ -42,6 +42,7 @@ def build(directory: Path = BUILD_DIR) -> Path:
     library = directory / f"int8_matmul-{digest.hexdigest()[:16]}.so"
     if library.exists():
         return library
+    log.info("building the CPU int8 kernel into %s (once per machine)", library)
     directory.mkdir(parents=True, exist_ok=True)
     # Written beside its final name and renamed: two processes building at once both succeed.
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as partial:
