@@ -364,8 +364,7 @@ class Runner:
             rows = self._idle_rows(kind, size)
             sampling = Sampling.rows(1.0, 0.9, 5, batch=1 if kind == PREFILL else size)
             if kind in (MULTI_STEP, ONE_DRAFT):
-                count = 1 if kind == ONE_DRAFT else self.steps_per_call
-                _, _, cache = self._steps(cache, rows, sampling, key, count)
+                _, _, cache = self._steps(cache, rows, sampling, key, self._step_count(kind))
                 continue
             if kind == VERIFY:
                 counts, probs = np.zeros(size, np.int32), self._idle_draft_probs(size)
@@ -385,14 +384,17 @@ class Runner:
         rows = self._idle_rows(kind, size)
         sampling, key = Sampling.rows(1.0, 0.9, 5, batch=size), jax.random.PRNGKey(0)
         if kind in (MULTI_STEP, ONE_DRAFT):
-            count = 1 if kind == ONE_DRAFT else self.steps_per_call
-            args = (cache, rows, sampling, key, count, self.steps_with_probs)
+            args = (cache, rows, sampling, key, self._step_count(kind), self.steps_with_probs)
             return steps.decode_steps.lower(self.model, self.params, *args)
         if kind == VERIFY:
             counts, probs = np.zeros(size, np.int32), self._idle_draft_probs(size)
             args = (cache, rows, counts, probs, sampling, key)
             return steps.verify.lower(self.model, self.params, *args)
         return steps.forward.lower(self.model, self.params, cache, rows)
+
+    def _step_count(self, kind: str) -> int:
+        """Decode steps per call of a multi-step kind."""
+        return 1 if kind == ONE_DRAFT else self.steps_per_call
 
     def _idle_draft_probs(self, size: int) -> np.ndarray | None:
         if not self.draft_distributions:
