@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from starcoder_lsp import sharding
+from starcoder_lsp import cpu_kernels, sharding
 
 # Finite, so that a row whose keys are all masked (padding) gives a uniform softmax, not NaN.
 MASKED = float(jnp.finfo(jnp.float32).min)
@@ -33,6 +33,11 @@ MASKED = float(jnp.finfo(jnp.float32).min)
 # measured in turn in one process (`starcoder-lsp bench`); decoding was the same with 256 or
 # 512.
 PAST_BLOCK = 256
+
+# New tokens per row up to which a step's attention over the cache is our CPU kernel's (a
+# decode step, a verify step of a few drafts); more (a prefill chunk) keep XLA's loop, whose
+# products are then large enough to run well.
+FEW_NEW_TOKENS = 16
 
 State = tuple[jax.Array, jax.Array, jax.Array]  # running (max, sum, output) per query row
 
@@ -114,7 +119,11 @@ def attend(
     weights = jnp.exp(scores - top)
     state = (top, jnp.sum(weights, axis=-1, keepdims=True), _weighted(weights, new[1]))
 
-    if past.kv.shape[3]:
+    if past.kv.shape[3] and _kernel_reads(q, seq, past, mesh):
+        row = jnp.arange(b) if past.row is None else past.row
+        cached = cpu_kernels.past_attention(q, past.kv, row, past.length, positions, layer, window)
+        state = _merge(state, cached)
+    elif past.kv.shape[3]:
         size = min(past_block, past.kv.shape[3])
         read = partial(_attend_past, layer=layer, size=size, window=window)
         rows_split = mesh is not None and sharding.splits_cache_rows(mesh, past.kv.shape[2])
@@ -124,6 +133,26 @@ def attend(
     _, total, out = state
     # Normalising the output rather than the probabilities saves a pass over the scores.
     return out / total
+
+
+def _kernel_reads(q: jax.Array, seq: int, past: PastKV, mesh: Mesh | None) -> bool:
+    """Whether our CPU kernel reads the cache (past_attention.cc): for the few query rows of a
+    decode or verify step on one CPU device, where XLA's loop runs at a tenth of the memory
+    speed. A prefill chunk's many rows keep the loop, whose products are large enough."""
+    return (
+        seq <= FEW_NEW_TOKENS
+        and q.shape[3] % 16 == 0
+        and past.kv.dtype == jnp.float32
+        and cpu_kernels.one_cpu(mesh)
+        and cpu_kernels.has_past_attention()
+    )
+
+
+def _merge(state: State, other: State) -> State:
+    """The softmax state over the keys of both."""
+    top = jnp.maximum(state[0], other[0])
+    mine, theirs = jnp.exp(state[0] - top), jnp.exp(other[0] - top)
+    return top, state[1] * mine + other[1] * theirs, state[2] * mine + other[2] * theirs
 
 
 def _scores(q: jax.Array, keys: jax.Array) -> jax.Array:

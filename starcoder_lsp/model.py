@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from starcoder_lsp import int8_kernel
+from starcoder_lsp import cpu_kernels
 from starcoder_lsp.attention import (
     PAST_BLOCK,
     PastKV,
@@ -43,6 +43,7 @@ from starcoder_lsp.attention import (
     with_recent,
 )
 from starcoder_lsp.config import GELU_APPROXIMATE, ModelConfig
+from starcoder_lsp.cpu_kernels import one_cpu
 
 # Below this many rows (decode batches) a product is computed as weight · xᵀ: XLA on CPU
 # streams a [out, in] weight past a few vectors well, while x · weightᵀ with few rows runs
@@ -66,7 +67,7 @@ def project(x: jax.Array, weight: jax.Array) -> jax.Array:
 # On one CPU device, XLA's dot of an int8 weight (converted in the product, or int8 × int8)
 # runs 6-7× slower than float32's, element by element (measured on tiny_starcoder_py's
 # matrices, benchmarks in the closing note of issue 19). The few rows of a decode step go to
-# our kernel (int8_kernel.py), which reads the int8 bytes at memory speed; where it cannot be
+# our kernel (cpu_kernels.py), which reads the int8 bytes at memory speed; where it cannot be
 # built, the product is taken in blocks of this many rows, each converted to float32 where it
 # sits in the CPU's cache (a decode step 1.2-1.35× faster than float32's; the kernel's, 2.2×).
 CPU_INT8_BLOCK = 128
@@ -81,8 +82,8 @@ def project_int8(
     rows = x.reshape(-1, x.shape[-1])
     contract = (((1,), (1,)), ((), ()))
     few = rows.shape[0] <= FEW_ROWS
-    if few and one_cpu and int8_kernel.available():
-        out = int8_kernel.int8_matmul(rows, weight, scale).astype(x.dtype)
+    if few and one_cpu and cpu_kernels.has_int8_matmul():
+        out = cpu_kernels.int8_matmul(rows, weight, scale).astype(x.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     if few and one_cpu and weight.shape[0] % CPU_INT8_BLOCK == 0:
         blocks = weight.reshape(-1, CPU_INT8_BLOCK, weight.shape[1])
@@ -100,13 +101,6 @@ def project_int8(
         out = jax.lax.dot_general(rows, weight, contract, preferred_element_type=jnp.float32)
     out = (out * scale).astype(x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def one_cpu(mesh: Mesh | None) -> bool:
-    """Whether the model runs on a single CPU device (its mesh's, or the only one): where the
-    weights are whole, so that a loop over their rows, or our CPU kernel, sees all of them."""
-    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
-    return len(devices) == 1 and devices[0].platform == "cpu"
 
 
 class Linear(nn.Module):

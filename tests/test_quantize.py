@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from starcoder_lsp import checkpoint, int8_kernel, sharding
+from starcoder_lsp import checkpoint, cpu_kernels, sharding
 from starcoder_lsp.bench import weight_bytes
 from starcoder_lsp.errors import CheckpointError
 from starcoder_lsp.factory import ModelOptions
@@ -127,21 +128,43 @@ def test_the_int8_model_generates_through_the_runner_on_a_2x4_mesh(tiny_mqa_dir)
 def test_the_cpu_kernel_multiplies_as_numpy_does(m, k, n):
     """Rows in groups of 8 and a remainder, a weight width that is no multiple of 16, more
     output rows than one thread's block, and fewer."""
-    assert int8_kernel.available()  # built here, with this machine's C++ compiler
+    assert cpu_kernels.has_int8_matmul()  # built here, with this machine's C++ compiler
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scale = rng.random(n).astype(np.float32)
-    got = np.asarray(jax.jit(int8_kernel.int8_matmul)(x, w, scale))
+    got = np.asarray(jax.jit(cpu_kernels.int8_matmul)(x, w, scale))
     expected = (x.astype(np.float64) @ w.T.astype(np.float64)) * scale
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_the_kernel_is_right_when_called_from_several_threads_at_once():
+    """The kernels' worker threads serve one call at a time; a call made meanwhile (XLA may
+    run two at once, as may two engines in one process) runs on its own thread."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    weights = [rng.integers(-127, 128, (640, 256)).astype(np.int8) for _ in range(4)]
+    scale = rng.random(640).astype(np.float32)
+    product = jax.jit(cpu_kernels.int8_matmul)
+    expected = [(x.astype(np.float64) @ w.T.astype(np.float64)) * scale for w in weights]
+
+    def run(i: int) -> float:
+        worst = 0.0
+        for _ in range(50):
+            got = np.asarray(product(x, weights[i], scale))
+            worst = max(worst, float(np.abs(got - expected[i]).max()))
+        return worst
+
+    with ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(run, range(4)))
+    assert max(errors) < 1e-3 * max(np.abs(e).max() for e in expected)
 
 
 def test_few_rows_on_one_cpu_device_go_to_the_kernel(tiny_mqa_dir):
     """A decode step on a 1x1 mesh calls the kernel for every matrix; a long prefill chunk only
     for the LM head (its last token's); a mesh of several devices keeps XLA's product."""
     calls = lambda runner, kind, size: (
-        runner.lower(kind, size).as_text().count(f"custom_call @{int8_kernel.TARGET}(")
+        runner.lower(kind, size).as_text().count(f"custom_call @{cpu_kernels.INT8_MATMUL}(")
     )
     ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("1x1"), quantize="int8")
     runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))

@@ -9,21 +9,18 @@
 // activations stay float32 (no activation quantization): the result is the dequantized
 // product up to the order of the float sums.
 //
-// Rows of the weight are shared out in blocks over XLA's intra-op thread pool; the calling
-// thread works too and takes whatever block no pool thread has started, so the call finishes
-// even when the pool has no thread free.
+// Rows of the weight are shared out in blocks over the calling thread and our workers
+// (workers.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define STARCODER_AVX512 1
 #endif
 
+#include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -110,45 +107,19 @@ void Block(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// The blocks of one call, taken in turn by whichever thread asks next. Shared (not on the
-// caller's stack) because a pool thread may start after the call has returned: it then finds
-// no block left and touches nothing else.
-struct Job {
-  Problem p;
-  int64_t blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> busy{0};
-
-  void Work() {
-    for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
-      const int64_t n0 = b * kBlockRows;
-      Block(p, n0, std::min(p.n, n0 + kBlockRows));
-    }
-  }
-};
-
-ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                      ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || scale.element_count() != wd[0]) {
     return ffi::Error::InvalidArgument("int8_matmul: x [M, K], w [N, K] and scale [N] expected");
   }
-  auto job = std::make_shared<Job>();
-  job->p = Problem{x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(),
-                   xd[0],          xd[1],          wd[0]};
-  job->blocks = (wd[0] + kBlockRows - 1) / kBlockRows;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->blocks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([job] {
-      job->busy.fetch_add(1);
-      job->Work();
-      job->busy.fetch_sub(1);
-    });
-  }
-  job->Work();
-  // Every block is taken; wait for those a pool thread is still computing.
-  while (job->busy.load() != 0) std::this_thread::yield();
+  const Problem p{x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(),
+                  xd[0],          xd[1],          wd[0]};
+  starcoder::Parallel((p.n + kBlockRows - 1) / kBlockRows, [&p](int64_t b) {
+    const int64_t n0 = b * kBlockRows;
+    Block(p, n0, std::min(p.n, n0 + kBlockRows));
+  });
   return ffi::Error::Success();
 }
 
@@ -156,7 +127,6 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StarcoderInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

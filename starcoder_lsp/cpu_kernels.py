@@ -1,0 +1,161 @@
+"""Our CPU kernels (kernels/*.cc): built on first use, called from jit through XLA's FFI.
+
+Two parts of a decode step run far below memory speed in XLA on CPU, and a decode step is
+bound by memory:
+
+- the product with an int8 weight: XLA's CPU dot of one runs 6-7× slower per element than
+  float32's, so an int8 model decoded slower than its bytes allow (35 ms against a 7 ms floor
+  for tiny_starcoder_py on a 2-core CPU). int8_matmul.cc reads each int8 weight once and
+  widens it in registers.
+- attention over the cached keys and values: XLA's loop over them runs its small products at
+  a tenth of the memory speed (26 ms a step for tiny_starcoder_py at 7,600 cached positions,
+  where reading them takes 2 ms). past_attention.cc reads each cached key and value once.
+
+They share threads of their own (workers.h), kept awake between the calls of a step. They
+are compiled here, on the machine that runs them (-march=native: the host's vector
+width), into one library in the cache directory, keyed by the sources and the jaxlib headers.
+The attention kernel is written for AVX-512 and exists only where the host has it. Where no
+C++ compiler is found, the model keeps XLA's forms and says so once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+log = logging.getLogger(__name__)
+
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = tuple(KERNELS / name for name in ("int8_matmul.cc", "past_attention.cc", "workers.cc"))
+HEADERS = (KERNELS / "workers.h",)
+INT8_MATMUL = "starcoder_int8_matmul"
+PAST_ATTENTION = "starcoder_past_attention"
+BUILD_DIR = Path.home() / ".cache" / "starcoder-lsp" / "kernels"
+# Set to 0 to keep XLA's forms (to compare the two, or where a build misbehaves).
+ENABLE_VARIABLE = "STARCODER_CPU_KERNELS"
+
+
+def build(directory: Path = BUILD_DIR) -> Path:
+    """The kernels' shared library, compiled unless a build of these sources is there."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CPU kernels")
+    include = jax.ffi.include_dir()
+    digest = hashlib.sha256(include.encode() + jax.__version__.encode())
+    for source in (*SOURCES, *HEADERS):
+        digest.update(source.read_bytes())
+    library = directory / f"starcoder_kernels-{digest.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    log.info("building the CPU kernels into %s (once per machine)", library)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Written beside its final name and renamed: two processes building at once both succeed.
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as partial:
+        command = [
+            compiler,
+            "-O3",
+            "-march=native",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            f"-I{include}",
+            *map(str, SOURCES),
+            "-o",
+            partial.name,
+        ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        Path(partial.name).unlink(missing_ok=True)
+        raise RuntimeError(f"building the CPU kernels failed: {done.stderr.strip()[-2000:]}")
+    os.replace(partial.name, library)
+    return library
+
+
+@functools.cache
+def _registered() -> frozenset[str]:
+    """The kernels registered with XLA (the library built and loaded once per process)."""
+    if os.environ.get(ENABLE_VARIABLE, "1") == "0":
+        return frozenset()
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+    except Exception as e:  # no compiler, or a jaxlib without the FFI: XLA's forms
+        log.warning("int8 products and attention use XLA's slower CPU forms: %s", e)
+        return frozenset()
+    targets = set()
+    for target, symbol in (
+        (INT8_MATMUL, "StarcoderInt8Matmul"),
+        (PAST_ATTENTION, "StarcoderPastAttention"),
+    ):
+        if hasattr(library, symbol):  # the attention kernel needs AVX-512
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+            )
+            targets.add(target)
+    return frozenset(targets)
+
+
+def one_cpu(mesh: Mesh | None) -> bool:
+    """Whether a model runs on a single CPU device (its mesh's, or the only one): where its
+    weights and cache are whole, so that our kernels see all of them."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+    return len(devices) == 1 and devices[0].platform == "cpu"
+
+
+def has_int8_matmul() -> bool:
+    return INT8_MATMUL in _registered()
+
+
+def has_past_attention() -> bool:
+    return PAST_ATTENTION in _registered()
+
+
+def int8_matmul(rows: jax.Array, weight: jax.Array, scale: jax.Array) -> jax.Array:
+    """rows [M, K] · (weight [N, K] · scale [N])ᵀ as float32 [M, N], on one CPU device."""
+    out = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call(INT8_MATMUL, out, vmap_method="sequential")
+    return call(rows.astype(jnp.float32), weight, scale.astype(jnp.float32))
+
+
+def past_attention(
+    q: jax.Array,
+    cache: jax.Array,
+    row: jax.Array,
+    length: jax.Array,
+    positions: jax.Array,
+    layer: int,
+    window: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The softmax state of q [b, kv, R, hd] over the cached keys and values, float32 cache
+    [layers, 2, rows, time, kv, hd]: batch row i reads cache row `row[i]`, positions below
+    `length[i]` (within `window` of its query's position in `positions` [b, seq]). Returns
+    (max [b, kv, R, 1], sum [b, kv, R, 1], output [b, kv, R, hd]), as attention.py's loop."""
+    b, kv, rows, hd = q.shape
+    shapes = (
+        jax.ShapeDtypeStruct((b, kv, rows), jnp.float32),
+        jax.ShapeDtypeStruct((b, kv, rows), jnp.float32),
+        jax.ShapeDtypeStruct((b, kv, rows, hd), jnp.float32),
+    )
+    call = jax.ffi.ffi_call(PAST_ATTENTION, shapes, vmap_method="sequential")
+    top, total, out = call(
+        q.astype(jnp.float32),
+        cache,
+        row.astype(jnp.int32),
+        length.astype(jnp.int32),
+        positions.astype(jnp.int32),
+        layer=np.int64(layer),
+        window=np.int64(window or 0),
+    )
+    return top[..., None], total[..., None], out

@@ -1,0 +1,87 @@
+"""The CPU attention kernel (kernels/past_attention.cc) against attention.py's own loop over
+the cache, and where the model calls it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from starcoder_lsp import checkpoint, cpu_kernels, sharding
+from starcoder_lsp.attention import PastKV, _attend_past, _merge
+from starcoder_lsp.runner import DECODE, PREFILL, Runner
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.has_past_attention(), reason="the attention kernel needs AVX-512"
+)
+
+
+@pytest.mark.parametrize(
+    ("kv", "hd", "seq", "group", "window"),
+    [
+        (1, 64, 1, 12, None),  # a decode step of an MQA model (tiny_starcoder_py)
+        (2, 128, 3, 4, None),  # a verify step of a GQA model: 3 new tokens per row
+        (2, 64, 1, 2, 300),  # a sliding window (StarCoder2) that cuts into the cache
+        (1, 64, 2, 6, 40),  # a window shorter than a span of the kernel
+    ],
+)
+def test_the_kernel_attends_as_the_loop_does(kv, hd, seq, group, window):
+    """Rows of several lengths (one empty, one not a multiple of the kernel's span), picking
+    cache rows out of order; the state merged with that of the new tokens, as attend does."""
+    rng = np.random.default_rng(hd + seq)
+    layers, cache_rows, time = 3, 5, 1100
+    cache = jnp.asarray(rng.standard_normal((layers, 2, cache_rows, time, kv, hd), np.float32))
+    length = jnp.asarray([1037, 0, 256, 300], jnp.int32)
+    b = len(length)
+    row = jnp.asarray(rng.permutation(cache_rows)[:b].astype(np.int32))
+    positions = length[:, None] + jnp.arange(seq, dtype=jnp.int32)
+    q = jnp.asarray(rng.standard_normal((b, kv, seq * group, hd), np.float32)) * 0.3
+    # The state over the new tokens' keys, which the cached state is merged into.
+    new = (
+        jnp.asarray(rng.standard_normal((b, kv, seq * group, 1)), jnp.float32),
+        jnp.ones((b, kv, seq * group, 1), jnp.float32),
+        jnp.asarray(rng.standard_normal((b, kv, seq * group, hd)), jnp.float32),
+    )
+    past = PastKV(cache, length, row)
+    loop = _attend_past(q, past, new, positions, layer=1, size=256, window=window)
+    kernel = jax.jit(cpu_kernels.past_attention, static_argnames=("layer", "window"))(
+        q, cache, row, length, positions, layer=1, window=window
+    )
+    merged = _merge(new, kernel)
+    for expected, got in zip(loop, merged, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
+def test_decode_steps_on_one_cpu_device_read_the_cache_with_the_kernel(tiny_mqa_dir):
+    """Once per layer in a decode step on a 1x1 mesh; a prefill chunk, and a mesh of several
+    devices, keep XLA's loop."""
+    calls = lambda runner, kind, size: (
+        runner.lower(kind, size).as_text().count(f"custom_call @{cpu_kernels.PAST_ATTENTION}(")
+    )
+    ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("1x1"))
+    runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
+    assert calls(runner, DECODE, 1) == calls(runner, DECODE, 2) == ckpt.config.n_layer
+    assert calls(runner, PREFILL, 32) == 0  # 32 new tokens: a prefill chunk
+    assert calls(runner, PREFILL, 8) == ckpt.config.n_layer  # as few as a verify step has
+    ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("2x4"))
+    runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
+    assert calls(runner, DECODE, 2) == 0
+
+
+def test_a_model_decodes_the_same_with_and_without_the_kernel(tiny_mqa_dir):
+    """A few steps of one row after a prompt longer than a span, on 1x1 (kernel) and 2x4
+    (XLA's loop): the same logits."""
+    prompt = list(np.random.default_rng(1).integers(1, 400, 300))
+    logits = {}
+    for shape in ("1x1", "2x4"):
+        ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh(shape))
+        runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
+        cache = runner.new_cache()
+        _, cache, _ = runner.prefill(cache, 1, prompt, 0)
+        steps = []
+        for i in range(3):
+            step, cache = runner.decode(cache, [1], [7 + i], [len(prompt) + i])
+            steps.append(np.asarray(step[:1]))
+        logits[shape] = np.concatenate(steps)
+    np.testing.assert_allclose(logits["1x1"], logits["2x4"], atol=1e-4)
