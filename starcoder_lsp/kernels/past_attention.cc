@@ -138,9 +138,9 @@ void Span(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, float*
   }
 }
 
-ffi::Error PastAttention(ffi::Buffer<ffi::F32> q,
-                         ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::S32> row,
-                         ffi::Buffer<ffi::S32> length, ffi::Buffer<ffi::S32> positions,
+ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
+                         ffi::Buffer<ffi::S32> row, ffi::Buffer<ffi::S32> length,
+                         ffi::Buffer<ffi::S32> positions,
                          int64_t layer, int64_t window, ffi::ResultBuffer<ffi::F32> top,
                          ffi::ResultBuffer<ffi::F32> total, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
@@ -156,8 +156,8 @@ ffi::Error PastAttention(ffi::Buffer<ffi::F32> q,
   }
   std::vector<int64_t> task_b, task_t0;  // per span: its batch row and first position
   const Problem p{q.typed_data(), cache.typed_data(), row.typed_data(), length.typed_data(),
-              positions.typed_data(), qd[0], qd[1], qd[2], qd[3], pd[1], qd[2] / pd[1],
-              cd[2], cd[3], layer, window};
+                  positions.typed_data(), qd[0], qd[1], qd[2], qd[3], pd[1], qd[2] / pd[1],
+                  cd[2], cd[3], layer, window};
   for (int64_t b = 0; b < p.batch; ++b) {
     if (p.row[b] < 0 || p.row[b] >= p.cache_rows || p.length[b] < 0 || p.length[b] > p.time) {
       return ffi::Error::InvalidArgument("past_attention: a row or length outside the cache");
@@ -165,7 +165,9 @@ ffi::Error PastAttention(ffi::Buffer<ffi::F32> q,
     int64_t start = 0;
     if (window > 0) {  // spans behind every query row's window are never read
       int64_t nearest = std::numeric_limits<int64_t>::max();
-      for (int64_t s = 0; s < p.seq; ++s) nearest = std::min<int64_t>(nearest, p.positions[b * p.seq + s]);
+      for (int64_t s = 0; s < p.seq; ++s) {
+        nearest = std::min<int64_t>(nearest, p.positions[b * p.seq + s]);
+      }
       start = std::max<int64_t>(0, nearest - window + 1) / kSpan * kSpan;
     }
     for (int64_t t0 = start; t0 < p.length[b]; t0 += kSpan) {
