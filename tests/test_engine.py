@@ -220,14 +220,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_other_rows_steps():
         assert decoding.result(10).tokens == list(range(2, 14))
     kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
     # a keeps decoding while b's 10 tokens go in as 4 + 4 + 2, a chunk (costing as much as
-    # a step) after every two steps.
+    # a step) after every two steps; a's own prefill is owed like a chunk.
     chunk, step, last = ("prefill", 4), ("decode", 1), ("prefill", 2)
-    assert kinds[:10] == [("prefill", 1), step, chunk, step, step, chunk, step, step, last, step]
+    assert kinds[:10] == [("prefill", 1), *[step, step, chunk] * 2, step, step, last]
 
 
 def test_prefill_takes_a_third_of_the_time_while_rows_decode():
     """A chunk that costs two decode steps (by the runner's clock) is followed by four steps
-    of the decoding rows before the next chunk."""
+    of the decoding rows before the next chunk (and so is the decoding row's own prefill)."""
     runner = ScriptedRunner(slots=3, prefill_cost=2)
     runner.hold()
     with running(scripted_engine(runner, prefill_chunk=4)) as engine:
@@ -239,7 +239,38 @@ def test_prefill_takes_a_third_of_the_time_while_rows_decode():
         assert decoding.result(10).finish_reason == "length"
     kinds = [(call.kind, len(call.tokens)) for call in runner.calls]
     chunk, step = ("prefill", 4), ("decode", 1)
-    assert kinds[:13] == [("prefill", 1), step, chunk, *[step] * 4, chunk, *[step] * 4, chunk]
+    assert kinds[:16] == [("prefill", 1), *([step] * 4 + [chunk]) * 3]
+
+
+def test_a_row_that_starts_decoding_just_after_a_chunk_does_not_get_the_next_at_once():
+    """A chunk that ran while nothing decoded is owed as much as one beside decoding rows:
+    the keystroke that arrives during it decodes for twice its cost before the next."""
+    runner = ScriptedRunner(slots=3, prefill_cost=2)
+    engine = scripted_engine(runner, prefill_chunk=4)
+    keystroke: list = []
+    prefill = runner.prefill
+
+    def prefill_then_type(*args: object) -> object:
+        if not keystroke:  # the first chunk is running: the user types
+            keystroke.append(engine.submit(Request([40], max_new_tokens=8, owner="a")))
+        return prefill(*args)
+
+    runner.prefill = prefill_then_type
+    first = engine.submit(Request(list(range(20, 32)), max_new_tokens=1, owner="b"))
+    second = engine.submit(Request(list(range(60, 72)), max_new_tokens=1, owner="c"))
+    with running(engine):
+        for handle in (first, second, *keystroke):
+            handle.result(10)
+    kinds = [(call.kind, call.tokens[0]) for call in runner.calls]
+    step = ("decode", None)
+    kinds = [step if kind == "decode" else (kind, token) for kind, token in kinds]
+    assert kinds[:8] == [
+        ("prefill", 20),
+        ("prefill", 40),
+        *[step] * 4,
+        ("prefill", 60),
+        step,
+    ]
 
 
 def test_owners_take_turns_for_prefill_however_many_rows_they_have():
