@@ -151,14 +151,22 @@ class Completer:
             pending.future.set_result(through)
             return pending
         block = self._context(context, document, before, after, start, settings)
-        options = self.options(settings, filename, context_tokens=len(block))
+
+        def prompt_options(block: ContextBlock) -> PromptOptions:
+            return self.options(settings, filename, context_tokens=len(block))
+
+        # The stretch that the widest budgets (an empty block's) need: a request waiting to be
+        # admitted holds that much of a document edited since, not all of it.
+        widest = prompt_options(EMPTY)
         start, end = stretch(
             text,
             cursor,
-            options.prefix_tokens * CHARS_PER_TOKEN,
-            options.suffix_tokens * CHARS_PER_TOKEN,
+            widest.prefix_tokens * CHARS_PER_TOKEN,
+            widest.suffix_tokens * CHARS_PER_TOKEN,
         )
-        prompt = _LazyPrompt(self, text[start:end], cursor - start, options, block)
+        prompt = _LazyPrompt(
+            self, text[start:end], cursor - start, prompt_options, block, offset=start
+        )
         multiline = _multiline(settings, before, after)
         ask = _Ask(document, before, after, settings, multiline, started)
         request = Request(
@@ -196,16 +204,19 @@ class Completer:
         after: str,
         anchor: int,
         settings: Settings,
-    ) -> ContextBlock:
-        """The cross-file block for a cursor between `before` and `after` (`before` starts
-        at `anchor`, which typing does not move); SettingsError when the settings leave no
-        room for it."""
-        if context is None or not settings.cross_file_context:
-            return EMPTY
-        budget = settings.context_budget(self.engine.context)
-        settings.budgets(self.engine.context, reserved=budget)  # fits, or SettingsError
+    ) -> Callable[[], ContextBlock]:
+        """What builds the cross-file block for a cursor between `before` and `after`
+        (`before` starts at `anchor`, which typing does not move) when the request is
+        admitted; SettingsError now when the settings leave no room for it, or no room for
+        a prompt at all."""
+        budget = 0
+        if context is not None and settings.cross_file_context:
+            budget = settings.context_budget(self.engine.context)
+        self.options(settings, context_tokens=budget)  # fits, or SettingsError
+        if budget == 0:
+            return lambda: EMPTY
         counter = counter_for(self.tokenizer)
-        return context.block(
+        return context.later(
             document, before, after, anchor, budget, settings.sources(), self.tokens, counter
         )
 
@@ -227,7 +238,7 @@ class Completer:
         except SettingsError:
             new_tokens, options = settings.max_new_tokens, self.options(settings)
         prefix, suffix = docstring.fim_split(text, target)
-        prompt = _LazyPrompt(self, prefix + suffix, len(prefix), options)
+        prompt = _LazyPrompt(self, prefix + suffix, len(prefix), lambda _: options)
         request = Request(
             [],
             max_new_tokens=new_tokens,
@@ -295,31 +306,43 @@ class Completer:
 
 class _LazyPrompt:
     """A prompt made when the engine admits its request (`ids`), in the engine's thread: a
-    request superseded while it waits never costs one. `made` is the FimPrompt once made."""
+    request superseded while it waits never costs one, nor its cross-file block. `options`
+    gives the prompt's budgets once the block's length is known. With an `offset`, `text` is
+    a stretch of the document that starts there, and the prompt is made from the `stretch`
+    of it that the budgets need. `made` is the FimPrompt once made, `context` its block."""
 
     def __init__(
         self,
         completer: Completer,
         text: str,
         cursor: int,
-        options: PromptOptions,
-        context: ContextBlock = EMPTY,
+        options: Callable[[ContextBlock], PromptOptions],
+        context: Callable[[], ContextBlock] = lambda: EMPTY,
+        offset: int | None = None,
     ):
-        self._completer, self._text, self._cursor, self._options = completer, text, cursor, options
-        self.context = context
+        self._completer, self._text, self._cursor = completer, text, cursor
+        self._options, self._context, self._offset = options, context, offset
+        self.context = EMPTY
         self.made: FimPrompt | None = None
 
     def ids(self) -> list[int]:
         c = self._completer
+        self.context = self._context()
+        options = self._options(self.context)
+        text, cursor = self._text, self._cursor
+        if self._offset is not None:
+            start, end = stretch(
+                text,
+                cursor,
+                options.prefix_tokens * CHARS_PER_TOKEN,
+                options.suffix_tokens * CHARS_PER_TOKEN,
+                self._offset,
+            )
+            text, cursor = text[start:end], cursor - start
         self.made = build_prompt(
-            self._text,
-            self._cursor,
-            c.tokenizer,
-            c.tokens,
-            self._options,
-            context=self.context.ids,
+            text, cursor, c.tokenizer, c.tokens, options, context=self.context.ids
         )
-        self._text = ""  # the stretch of text is no longer needed
+        self._text = ""  # the document's text is no longer needed
         return self.made.ids
 
 
@@ -327,14 +350,18 @@ class _LazyPrompt:
 STOPPED = ("cancelled", "superseded", "disconnected")
 
 
-def stretch(text: str, cursor: int, before: int, after: int) -> tuple[int, int]:
+def stretch(text: str, cursor: int, before: int, after: int, offset: int = 0) -> tuple[int, int]:
     """(start, end) of whole lines around `cursor`: at least `before` characters before it
     and `after` after it where the text has them. The start is the line start before a
     multiple of ALIGN, so it stays put while the user types at the cursor; the end is a
-    line end counted from the cursor, and the text after the cursor does not change."""
+    line end counted from the cursor, and the text after the cursor does not change.
+
+    `text` may be a wider stretch that starts at `offset` of the document: the narrower one
+    in it is the one that the whole document would give."""
     start = 0
-    if cursor - before > ALIGN:
-        start = text.rfind("\n", 0, (cursor - before) // ALIGN * ALIGN) + 1
+    at = offset + cursor - before
+    if at > ALIGN:
+        start = text.rfind("\n", 0, max(0, at // ALIGN * ALIGN - offset)) + 1
     end = len(text)
     if cursor + after < len(text):
         found = text.find("\n", cursor + after)

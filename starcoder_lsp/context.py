@@ -25,6 +25,7 @@ moves the tail of the block and leaves the head, and its cache, where it was.
 from __future__ import annotations
 
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -262,8 +263,9 @@ class CrossFile:
 
     `documents` lists the connection's open documents, keyed as the completer names them;
     the server tells this object what happens to them (`opened`, `saved`, `closed`,
-    `edited`) and what a client pushes (`push`). `block` is called from the thread that
-    starts requests, the same that reports these events.
+    `edited`) and what a client pushes (`push`), from one thread; `later` takes what a
+    block needs from that thread and lets any other build it (the engine's, when the request
+    is admitted).
     """
 
     documents: Callable[[], Iterable[Source]] = lambda: ()
@@ -276,6 +278,8 @@ class CrossFile:
     _generation: int = 0
     _windows: dict[Hashable, tuple[str, list[_Window]]] = field(default_factory=dict)
     _last: tuple[tuple, ContextBlock] | None = None
+    # The window cache is shared by the builds (another thread) and the events.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -288,7 +292,8 @@ class CrossFile:
 
     def closed(self, key: Hashable) -> None:
         self._stamps.pop(key, None)
-        self._windows.pop(key, None)
+        with self._lock:
+            self._windows.pop(key, None)
         self._generation += 1
 
     def edited(self, key: Hashable, line: int) -> None:
@@ -308,10 +313,11 @@ class CrossFile:
         self._pushed[key] = _Pushed(
             path, text[:MAX_SOURCE_CHARS], key if origin is None else origin
         )
-        while len(self._pushed) > MAX_PUSHED:
-            old, _ = self._pushed.popitem(last=False)
-            self._windows.pop(("pushed", old), None)
-        self._windows.pop(("pushed", key), None)
+        with self._lock:
+            while len(self._pushed) > MAX_PUSHED:
+                old, _ = self._pushed.popitem(last=False)
+                self._windows.pop(("pushed", old), None)
+            self._windows.pop(("pushed", key), None)
         self._touch(key)
 
     def _touch(self, key: Hashable) -> None:
@@ -334,19 +340,51 @@ class CrossFile:
         """The block for a cursor in `current` after `before` and ahead of `after` (text
         around it, `before` starting at offset `anchor` of the document, a place that does
         not move while the user types), within `budget` tokens, from `sources`."""
+        return self.later(current, before, after, anchor, budget, sources, tokens, counter)()
+
+    def later(
+        self,
+        current: Hashable,
+        before: str,
+        after: str,
+        anchor: int,
+        budget: int,
+        sources: Sequence[str],
+        tokens: SpecialTokens,
+        counter: TokenCounter,
+    ) -> Callable[[], ContextBlock]:
+        """`block`'s block, built when called, from any thread, out of the sources as they
+        are now: a request that never reaches the model (superseded while it waits) never
+        builds one, and the thread that reads the connection's messages never does."""
         if budget <= 0 or not sources:
-            return EMPTY
+            return lambda: EMPTY
         region = (anchor, before.count("\n") // REGION_LINES)
         inputs = (current, region, self._generation, budget, tuple(sources), tokens, self.repo)
-        if self._last is not None and self._last[0] == inputs:
-            return self._last[1]
-        self.builds += 1
-        block = self._build(current, query(before, after), budget, sources, tokens, counter)
-        self._last = (inputs, block)
-        return block
+        last = self._last
+        if last is not None and last[0] == inputs:
+            return lambda: last[1]
+        snapshot = _Snapshot(
+            list(self.documents()),
+            list(self._edited.items()),
+            list(self._pushed.items()),
+            dict(self._stamps),
+        )
+
+        def build() -> ContextBlock:
+            last = self._last
+            if last is not None and last[0] == inputs:  # built for an earlier request
+                return last[1]
+            self.builds += 1
+            wanted = query(before, after)
+            block = self._build(snapshot, current, wanted, budget, sources, tokens, counter)
+            self._last = (inputs, block)
+            return block
+
+        return build
 
     def _build(
         self,
+        snapshot: _Snapshot,
         current: Hashable,
         wanted: frozenset[str],
         budget: int,
@@ -355,17 +393,22 @@ class CrossFile:
         counter: TokenCounter,
     ) -> ContextBlock:
         opening = len(opening_ids(self.repo, tokens, counter))
-        candidates = list(self._candidates(current, wanted, sources))
+        candidates = list(self._candidates(snapshot, current, wanted, sources))
         chosen = select(candidates, budget - opening, lambda c: len(chunk_ids(c, tokens, counter)))
         # Oldest source first, then by place: a change moves the block's tail, not its head.
-        chosen.sort(key=lambda kc: (self._stamps.get(kc[0], 0), kc[1].path, kc[1].line))
+        chosen.sort(key=lambda kc: (snapshot.stamps.get(kc[0], 0), kc[1].path, kc[1].line))
         return write_block([chunk for _, chunk in chosen], self.repo, tokens, counter)
 
     def _candidates(
-        self, current: Hashable, wanted: frozenset[str], sources: Sequence[str]
+        self,
+        snapshot: _Snapshot,
+        current: Hashable,
+        wanted: frozenset[str],
+        sources: Sequence[str],
     ) -> Iterable[tuple[Hashable, Chunk]]:
-        others = [s for s in self.documents() if s.key != current]
-        others.sort(key=lambda s: self._stamps.get(s.key, 0), reverse=True)
+        stamps = snapshot.stamps
+        others = [s for s in snapshot.documents if s.key != current]
+        others.sort(key=lambda s: stamps.get(s.key, 0), reverse=True)
         documents = {s.key: s for s in others[:MAX_OPEN]}
         live = set()
         if "open" in sources:
@@ -374,11 +417,11 @@ class CrossFile:
                 for w in self._windows_of(key, source.text):
                     yield key, Chunk(source.path, w.line, w.text, "open", jaccard(w.words, wanted))
         if "edited" in sources:
-            for (key, _), line in reversed(self._edited.items()):
+            for (key, _), line in reversed(snapshot.edited):
                 if key in documents:
                     yield key, _around(documents[key], line, wanted)
         if "pushed" in sources:
-            for key, pushed in self._pushed.items():
+            for key, pushed in snapshot.pushed:
                 if current in (key, pushed.origin) or ("open" in sources and key in documents):
                     continue  # the current document's own, or an open one's older text
                 live.add(("pushed", key))
@@ -387,15 +430,29 @@ class CrossFile:
                         key,
                         Chunk(pushed.path, w.line, w.text, "pushed", jaccard(w.words, wanted)),
                     )
-        for gone in self._windows.keys() - live:
-            del self._windows[gone]
+        with self._lock:
+            for gone in self._windows.keys() - live:
+                del self._windows[gone]
 
     def _windows_of(self, key: Hashable, text: str) -> list[_Window]:
         """The windows of a source's text, cut again only when the text changed."""
-        cached = self._windows.get(key)
+        with self._lock:
+            cached = self._windows.get(key)
         if cached is None or cached[0] is not text:
-            cached = self._windows[key] = (text, windows(text))
+            cached = (text, windows(text))
+            with self._lock:
+                self._windows[key] = cached
         return cached[1]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What a block is built from, as it was when its request was made."""
+
+    documents: list[Source]
+    edited: list[tuple[tuple[Hashable, int], int]]
+    pushed: list[tuple[Hashable, _Pushed]]
+    stamps: dict[Hashable, int]
 
 
 def _around(source: Source, line: int, wanted: frozenset[str]) -> Chunk:

@@ -6,8 +6,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from scripted_runner import ScriptedRunner
 
 from starcoder_lsp import checkpoint
+from starcoder_lsp.context import CrossFile, Source
 from starcoder_lsp.completer import ALIGN, Completer, Settings, stretch
 from starcoder_lsp.engine import Engine
 from starcoder_lsp.generate import Runner
@@ -200,3 +202,48 @@ def test_the_text_around_the_cursor_is_whole_lines_and_stays_put_while_typing():
     assert start2 == start and typed[cursor + 3 : end2] == text[cursor:end]
     # A short document is taken whole.
     assert stretch("a\nb", 1, 10_000, 5_000) == (0, 3)
+    # Cut again out of a wider stretch (what a waiting request holds), it is the same.
+    for cursor in (len(text) // 2, len(text) // 2 + 70_000, 3 * ALIGN + 5, 12_000):
+        wide_start, wide_end = stretch(text, cursor, 200_000, 80_000)
+        wide = text[wide_start:wide_end]
+        for before, after in ((10_000, 5_000), (150_000, 1), (0, 0)):
+            start, end = stretch(wide, cursor - wide_start, before, after, wide_start)
+            assert (wide_start + start, wide_start + end) == stretch(text, cursor, before, after)
+
+
+def test_a_request_superseded_while_it_waits_costs_no_prompt_and_no_context(ckpt):
+    """A client that sends keystroke after keystroke while the model is busy costs the
+    server what it admits, not what it sends: the cross-file block and the prompt are made
+    when the engine admits a request, and only the newest of a document's is admitted."""
+    runner = ScriptedRunner(slots=1, max_len=512)
+    runner.hold()
+    engine = Engine(runner, ckpt.tokenizer.decode, stop_ids=[])
+    engine.start()
+    assert engine.ready.wait(60)
+    try:
+        completer = Completer(engine, ckpt.tokenizer, ckpt.tokens)
+        others = [Source("other.py", "other.py", SOURCE[:6000])]
+        cross = CrossFile(lambda: others)
+        cross.opened("other.py")
+        settings = Settings(max_new_tokens=4, prefix_tokens=100, suffix_tokens=50)
+        busy = completer.start("busy.py", "import textwrap\n", 16, settings, context=cross)
+        runner.wait_for_step()  # busy holds the only slot
+        assert cross.builds == 1
+        starts = [0]
+        for line in SOURCE.splitlines(keepends=True):
+            starts.append(starts[-1] + len(line))
+        # Each keystroke in another region of the file: each would need a block of its own.
+        keystrokes = [
+            completer.start("doc.py", SOURCE, starts[n], settings, context=cross)
+            for n in (100, 200, 300, 400)
+        ]
+        assert cross.builds == 1
+        runner.run_freely()
+        assert busy.future.result(10).result.finish_reason == "length"
+        reasons = [k.future.result(10).result.finish_reason for k in keystrokes]
+        assert reasons == ["superseded"] * 3 + ["length"]
+        assert [k.future.result(10).prompt is None for k in keystrokes] == [True] * 3 + [False]
+        assert cross.builds == 2
+        assert len(keystrokes[-1].future.result(10).context) > 0
+    finally:
+        engine.close()

@@ -192,6 +192,28 @@ def test_the_block_holds_still_while_typing_and_changes_at_coarse_events(starcod
     assert [c.path for c in pushed.chunks][-1] == "pkg/geometry.py"
 
 
+def test_a_block_for_later_is_built_when_called_from_the_sources_as_they_were(starcoder):
+    """The engine builds a request's block when it admits it: one superseded before costs
+    nothing, and files changed meanwhile do not change what the request was made from."""
+    tokenizer, t = starcoder
+    cross = project({"pkg/shapes.py": SHAPES})
+    counter = counter_for(tokenizer)
+    later = cross.later("main.py", CURRENT, "", 0, 4000, ("open",), t, counter)
+    assert cross.builds == 0
+    cross.documents_by_path["pkg/shapes.py"] = Source("pkg/shapes.py", "pkg/shapes.py", "")
+    cross.saved("pkg/shapes.py")
+    block = later()
+    assert cross.builds == 1 and [c.path for c in block.chunks] == ["pkg/shapes.py"]
+    assert block.ids == block_for(project({"pkg/shapes.py": SHAPES}), starcoder, 4000).ids
+    # Made again with the same inputs, it is the block built then, not a new one.
+    again = project({"pkg/shapes.py": SHAPES})
+    first = again.later("main.py", CURRENT, "", 0, 4000, ("open",), t, counter)
+    second = again.later("main.py", CURRENT, "", 0, 4000, ("open",), t, counter)
+    assert first() is second() and again.builds == 1
+    # Now the change is seen.
+    assert block_for(cross, starcoder, 4000, ("open",)).chunks == ()
+
+
 def test_select_never_takes_overlapping_lines_of_one_source_twice():
     from starcoder_lsp.context import select
 
