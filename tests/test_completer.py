@@ -9,8 +9,8 @@ import pytest
 from scripted_runner import ScriptedRunner
 
 from starcoder_lsp import checkpoint
-from starcoder_lsp.context import CrossFile, Source
 from starcoder_lsp.completer import ALIGN, Completer, Settings, stretch
+from starcoder_lsp.context import CrossFile, Source
 from starcoder_lsp.engine import Engine
 from starcoder_lsp.generate import Runner
 from starcoder_lsp.request import Handle, Request, RequestError, Result
