@@ -150,6 +150,30 @@ def test_budgets_hold_and_a_long_chunk_is_cut_to_the_lines_that_fit(family, requ
     assert all(c.text.endswith("\n") for c in cut.chunks)
 
 
+def test_the_first_candidate_that_does_not_fit_ends_the_block():
+    """Cut to its lines that fit, or left out when too few do; the thousands of windows after
+    it are not tokenized one by one to look for one that would still fit."""
+    from starcoder_lsp.context import select
+
+    calls = []
+
+    def lines(chunk: Chunk) -> int:
+        calls.append(chunk)
+        return chunk.lines
+
+    a = Chunk("a.py", 0, "a = 1\n" * 10, "open", 0.9)
+    b = Chunk("b.py", 0, "b = 2\n" * 10, "open", 0.8)
+    rest = [Chunk(f"c{i}.py", 0, f"c = {i}\n" * 2, "open", 0.5) for i in range(1000)]
+    candidates = [("a", a), ("b", b), *((c.path, c) for c in rest)]
+    assert [c for _, c in select(candidates, 15, lines)] == [
+        a,
+        Chunk("b.py", 0, "b = 2\n" * 5, "open", 0.8),
+    ]
+    calls.clear()
+    assert [c for _, c in select(candidates, 12, lines)] == [a]  # b's first 3 lines do not fit
+    assert len(calls) < 10
+
+
 def test_the_current_document_is_never_quoted(starcoder):
     cross = project(OTHERS)
     cross.push("main.py", "main.py", "box = Rectangle(width=1, height=2)\n" * 3)
