@@ -207,8 +207,8 @@ def select(
     overlapping lines of one source, no text twice, nothing with a score of 0. The first
     candidate too large for what is left is cut to the lines that fit (at least
     MIN_CHUNK_LINES), and ends the block: the windows are alike in size, so the ones after
-    it would rarely fit, and trying each of thousands of them (a project of 20 open files)
-    cost a tenth of a second of tokenizing per block."""
+    it would rarely fit, and trying each of thousands of them (18 open files of the standard
+    library) took 0.2 s of tokenizing per block, against 0.03 s."""
     ordered = sorted(candidates, key=lambda kc: (-kc[1].score, kc[1].path, kc[1].line))
     costs: dict[tuple[str, str], int] = {}
 
