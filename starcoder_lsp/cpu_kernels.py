@@ -5,8 +5,9 @@ bound by memory:
 
 - the product with an int8 weight: XLA's CPU dot of one runs 6-7× slower per element than
   float32's, so an int8 model decoded slower than its bytes allow (35 ms against a 7 ms floor
-  for tiny_starcoder_py on a 2-core CPU). int8_matmul.cc reads each int8 weight once and
-  widens it in registers.
+  for tiny_starcoder_py on a 2-core CPU). int8_matmul.cc reads each int8 weight once, and
+  where the CPU has AVX-512 VNNI it rounds the activations to int8 too, in groups of 64 with
+  a scale each (as llama.cpp's q8_0 does), so that one instruction multiplies 64 weights.
 - attention over the cached keys and values: XLA's loop over them runs its small products at
   a tenth of the memory speed (26 ms a step for tiny_starcoder_py at 7,600 cached positions,
   where reading them takes 2 ms). past_attention.cc reads each cached key and value once.
@@ -45,6 +46,10 @@ PAST_ATTENTION = "starcoder_past_attention"
 BUILD_DIR = Path.home() / ".cache" / "starcoder-lsp" / "kernels"
 # Set to 0 to keep XLA's forms (to compare the two, or where a build misbehaves).
 ENABLE_VARIABLE = "STARCODER_CPU_KERNELS"
+# "float" keeps the activations of int8 products in float32 (exact up to the weights' own
+# rounding, and slower); "int8", the default, rounds them in groups of 64 where the CPU can.
+ACTIVATIONS_VARIABLE = "STARCODER_INT8_ACTIVATIONS"
+ACTIVATION_FORMS = ("int8", "float")
 
 
 def build(directory: Path = BUILD_DIR) -> Path:
@@ -85,14 +90,22 @@ def build(directory: Path = BUILD_DIR) -> Path:
 
 
 @functools.cache
-def _registered() -> frozenset[str]:
-    """The kernels registered with XLA (the library built and loaded once per process)."""
+def _library() -> ctypes.CDLL | None:
+    """The kernels' library, built and loaded once per process; None where it cannot be."""
     if os.environ.get(ENABLE_VARIABLE, "1") == "0":
-        return frozenset()
+        return None
     try:
-        library = ctypes.cdll.LoadLibrary(str(build()))
+        return ctypes.cdll.LoadLibrary(str(build()))
     except Exception as e:  # no compiler, or a jaxlib without the FFI: XLA's forms
         log.warning("int8 products and attention use XLA's slower CPU forms: %s", e)
+        return None
+
+
+@functools.cache
+def _registered() -> frozenset[str]:
+    """The kernels registered with XLA."""
+    library = _library()
+    if library is None:
         return frozenset()
     targets = set()
     for target, symbol in (
@@ -122,11 +135,35 @@ def has_past_attention() -> bool:
     return PAST_ATTENTION in _registered()
 
 
-def int8_matmul(rows: jax.Array, weight: jax.Array, scale: jax.Array) -> jax.Array:
-    """rows [M, K] · (weight [N, K] · scale [N])ᵀ as float32 [M, N], on one CPU device."""
+def has_int8_activations() -> bool:
+    """Whether the int8 kernel can round its activations to int8 (a CPU with AVX-512 VNNI)."""
+    library = _library()
+    return library is not None and bool(library.StarcoderInt8Activations())
+
+
+def int8_activations() -> bool:
+    """Whether int8 products on one CPU device should round their activations to int8: as
+    ACTIVATIONS_VARIABLE says (default: yes), where the CPU can."""
+    form = os.environ.get(ACTIVATIONS_VARIABLE, "int8")
+    if form not in ACTIVATION_FORMS:
+        raise ValueError(f"{ACTIVATIONS_VARIABLE}={form!r}: expected one of {ACTIVATION_FORMS}")
+    return form == "int8" and has_int8_activations()
+
+
+def int8_matmul(
+    rows: jax.Array, weight: jax.Array, scale: jax.Array, round_activations: bool = False
+) -> jax.Array:
+    """rows [M, K] · (weight [N, K] · scale [N])ᵀ as float32 [M, N], on one CPU device.
+    round_activations: round each 64 values of a row to int8 with a scale of their own, where
+    the CPU can and K is a multiple of 64."""
     out = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(INT8_MATMUL, out, vmap_method="sequential")
-    return call(rows.astype(jnp.float32), weight, scale.astype(jnp.float32))
+    return call(
+        rows.astype(jnp.float32),
+        weight,
+        scale.astype(jnp.float32),
+        int8_activations=np.int64(round_activations),
+    )
 
 
 def past_attention(

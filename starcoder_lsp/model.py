@@ -74,16 +74,21 @@ CPU_INT8_BLOCK = 128
 
 
 def project_int8(
-    x: jax.Array, weight: jax.Array, scale: jax.Array, one_cpu: bool = False
+    x: jax.Array,
+    weight: jax.Array,
+    scale: jax.Array,
+    one_cpu: bool = False,
+    int8_activations: bool = False,
 ) -> jax.Array:
     """x [..., in] · (weight · scale)ᵀ for an int8 weight [out, in] with a scale per row
     [out]: the scale is applied to the product, never to the weight, so the weight is read as
-    the int8 it is stored as. one_cpu: the weight is whole on one CPU device."""
+    the int8 it is stored as. one_cpu: the weight is whole on one CPU device.
+    int8_activations: our CPU kernel rounds x to int8 too, in groups of 64 (cpu_kernels.py)."""
     rows = x.reshape(-1, x.shape[-1])
     contract = (((1,), (1,)), ((), ()))
     few = rows.shape[0] <= FEW_ROWS
     if few and one_cpu and cpu_kernels.has_int8_matmul():
-        out = cpu_kernels.int8_matmul(rows, weight, scale).astype(x.dtype)
+        out = cpu_kernels.int8_matmul(rows, weight, scale, int8_activations).astype(x.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     if few and one_cpu and weight.shape[0] % CPU_INT8_BLOCK == 0:
         blocks = weight.reshape(-1, CPU_INT8_BLOCK, weight.shape[1])
@@ -112,6 +117,7 @@ class Linear(nn.Module):
     use_bias: bool = True
     quantized: bool = False
     one_cpu: bool = False
+    int8_activations: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -120,7 +126,7 @@ class Linear(nn.Module):
         if self.quantized:
             weight = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
             scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
-            out = project_int8(x, weight, scale, self.one_cpu)
+            out = project_int8(x, weight, scale, self.one_cpu, self.int8_activations)
         else:
             weight = self.param("kernel", nn.initializers.normal(0.02), shape, self.dtype)
             out = project(x, weight)
@@ -130,13 +136,13 @@ class Linear(nn.Module):
 
 
 def linear_layers(
-    cfg: ModelConfig, dtype: jnp.dtype, mesh: Mesh | None
+    cfg: ModelConfig, dtype: jnp.dtype, mesh: Mesh | None, int8_activations: bool
 ) -> Callable[[int, str], Linear]:
     """A maker of a block's linear layers: (features, name) → Linear, with the model's bias,
     quantization and placement."""
     local = one_cpu(mesh)
     return lambda features, name: Linear(
-        features, dtype, cfg.use_bias, cfg.quantized, local, name=name
+        features, dtype, cfg.use_bias, cfg.quantized, local, int8_activations, name=name
     )
 
 
@@ -149,6 +155,7 @@ class Embed(nn.Module):
     dtype: jnp.dtype
     quantized: bool = False
     one_cpu: bool = False
+    int8_activations: bool = False
 
     def setup(self) -> None:
         shape = (self.num, self.features)
@@ -167,7 +174,7 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         if self.quantized:
-            return project_int8(x, self.embedding, self.scale, self.one_cpu)
+            return project_int8(x, self.embedding, self.scale, self.one_cpu, self.int8_activations)
         return project(x, self.embedding)
 
 
@@ -196,13 +203,15 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 class LayerModule(nn.Module):
     """What a layer and its attention are built with: layer is the index in the stack,
     past_block how many cached positions attention reads per step of its loop, mesh the
-    device mesh where the cache's rows are split across dp."""
+    device mesh where the cache's rows are split across dp, int8_activations as for
+    `project_int8`."""
 
     config: ModelConfig
     dtype: jnp.dtype
     layer: int
     past_block: int
     mesh: Mesh | None
+    int8_activations: bool
 
 
 class Attention(LayerModule):
@@ -221,7 +230,7 @@ class Attention(LayerModule):
         batch, seq, _ = x.shape
         heads, kv_heads, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         group = heads // kv_heads
-        dense = linear_layers(cfg, self.dtype, self.mesh)
+        dense = linear_layers(cfg, self.dtype, self.mesh, self.int8_activations)
 
         q = dense(heads * hd, "q_proj")(x).reshape(batch, seq, kv_heads, group, hd)
         kv = dense(kv_heads * 2 * hd, "kv_proj")(x).reshape(batch, seq, kv_heads, 2, hd)
@@ -259,11 +268,12 @@ class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     mesh: Mesh | None = None
+    int8_activations: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        dense = linear_layers(cfg, self.dtype, self.mesh)
+        dense = linear_layers(cfg, self.dtype, self.mesh, self.int8_activations)
         h = activation(cfg.activation_function)(dense(cfg.inner_dim, "c_fc")(x))
         return dense(cfg.n_embd, "c_proj")(h)
 
@@ -282,10 +292,12 @@ class Block(LayerModule):
         norm = lambda name: nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name=name
         )
-        attention = Attention(cfg, self.dtype, self.layer, self.past_block, self.mesh, name="attn")
+        placement = (self.layer, self.past_block, self.mesh, self.int8_activations)
+        attention = Attention(cfg, self.dtype, *placement, name="attn")
         attn_out, new_kv = attention(norm("ln_1")(x), positions, new_visible, past, recent)
         x = x + attn_out
-        x = x + MLP(cfg, self.dtype, self.mesh, name="mlp")(norm("ln_2")(x))
+        mlp = MLP(cfg, self.dtype, self.mesh, self.int8_activations, name="mlp")
+        x = x + mlp(norm("ln_2")(x))
         return x, new_kv
 
 
@@ -302,12 +314,15 @@ class GPTBigCode(nn.Module):
     again as the rest of the model.
     past_block: how many cached positions attention reads per step of its loop.
     mesh: the device mesh the cache is split over, if its rows are split across dp.
+    int8_activations: on one CPU device, int8 weights multiply activations rounded to int8 in
+    groups of 64 (cpu_kernels.int8_activations() says whether a runner asks for it).
     """
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     past_block: int = PAST_BLOCK
     mesh: Mesh | None = None
+    int8_activations: bool = False
 
     @nn.compact
     def __call__(
@@ -321,7 +336,10 @@ class GPTBigCode(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         local = one_cpu(self.mesh)
-        wte = Embed(cfg.vocab_size, cfg.n_embd, self.dtype, cfg.quantized, local, name="wte")
+        rounds = self.int8_activations
+        wte = Embed(
+            cfg.vocab_size, cfg.n_embd, self.dtype, cfg.quantized, local, rounds, name="wte"
+        )
         x = wte(tokens)  # [b, s, d]
         if cfg.learned_positions:  # one row a step: never quantized
             x = x + Embed(cfg.n_positions, cfg.n_embd, self.dtype, name="wpe")(positions)
@@ -332,7 +350,7 @@ class GPTBigCode(nn.Module):
         new_kv = []
         for i in range(cfg.n_layer):
             # The whole cache goes to every layer: slicing a layer out of it here would copy it.
-            block = Block(cfg, self.dtype, i, self.past_block, self.mesh, name=f"h_{i}")
+            block = Block(cfg, self.dtype, i, self.past_block, self.mesh, rounds, name=f"h_{i}")
             x, kv = block(x, positions, new_visible, past, None if recent is None else recent.kv[i])
             new_kv.append(kv)
         if last_only:
@@ -345,7 +363,9 @@ class GPTBigCode(nn.Module):
         if cfg.tie_word_embeddings:  # the LM head is the token embedding
             logits = wte.attend(x)
         else:
-            head = Linear(cfg.vocab_size, self.dtype, False, cfg.quantized, local, name="lm_head")
+            head = Linear(
+                cfg.vocab_size, self.dtype, False, cfg.quantized, local, rounds, name="lm_head"
+            )
             logits = head(x)
         return logits.astype(jnp.float32), jnp.stack(new_kv)
 

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from starcoder_lsp import sharding, steps
+from starcoder_lsp import cpu_kernels, sharding, steps
 from starcoder_lsp.config import ModelConfig
+from starcoder_lsp.cpu_kernels import one_cpu
 from starcoder_lsp.model import GPTBigCode
 from starcoder_lsp.progress import Progress
 from starcoder_lsp.sampling import Sampling, split_key
@@ -107,7 +108,10 @@ class Runner:
         self.draft_distributions = draft_distributions
         self.steps_with_probs = steps_with_probs
         self.config, self.params, self.mesh, self.dtype = config, params, mesh, jnp.dtype(dtype)
-        self.model = GPTBigCode(config, self.dtype, mesh=mesh)
+        # Read here, not when a program is traced: a bad value is refused when the runner is
+        # made, and a runner's programs keep the form they were made with.
+        rounds = config.quantized and one_cpu(mesh) and cpu_kernels.int8_activations()
+        self.model = GPTBigCode(config, self.dtype, mesh=mesh, int8_activations=rounds)
         self.max_len = min(max_len or config.n_positions, config.n_positions)
         self.chunks = tuple(sorted(chunks))
         self.slots = slots or max(batches)

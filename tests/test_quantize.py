@@ -3,9 +3,11 @@ quantized checkpoints on meshes."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -104,8 +106,10 @@ def test_a_quantized_checkpoint_round_trips_and_loads_on_meshes(tiny_mqa_dir, tm
         quantize_checkpoint(target, tmp_path / "again")
 
 
-def test_the_int8_model_generates_through_the_runner_on_a_2x4_mesh(tiny_mqa_dir):
-    """The compiled steps run on int8 weights split over a mesh as on one device."""
+def test_the_int8_model_generates_through_the_runner_on_a_2x4_mesh(tiny_mqa_dir, monkeypatch):
+    """The compiled steps run on int8 weights split over a mesh as on one device (with the
+    kernel's float activations: XLA's product on the mesh does not round them)."""
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_VARIABLE, "float")
     prompts = [
         np.random.default_rng(3 + i).integers(20, 1000, 9 + 5 * i).tolist() for i in range(4)
     ]
@@ -124,18 +128,100 @@ def test_the_int8_model_generates_through_the_runner_on_a_2x4_mesh(tiny_mqa_dir)
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 37, 100), (3, 768, 130), (9, 48, 256), (16, 64, 65)])
-def test_the_cpu_kernel_multiplies_as_numpy_does(m, k, n):
-    """Rows in groups of 8 and a remainder, a weight width that is no multiple of 16, more
-    output rows than one thread's block, and fewer."""
+def _rounded_in_groups(x: np.ndarray) -> np.ndarray:
+    """x as the int8 form of the kernel sees it: each 64 values of a row rounded to int8 with
+    their largest magnitude / 127 as the step, in float32 as the kernel computes it."""
+    groups = x.reshape(x.shape[0], -1, 64)
+    top = np.abs(groups).max(axis=-1, keepdims=True)
+    inverse = np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0).astype(np.float32)
+    return (np.rint(groups * inverse) * (top / np.float32(127))).reshape(x.shape)
+
+
+def _decoded_logits(ckpt: checkpoint.Checkpoint, tokens: np.ndarray) -> np.ndarray:
+    """Each row of tokens fed one decode step at a time on one CPU device (the int8 kernel's
+    path), teacher-forced: the logits after every token [rows, positions, vocab]."""
+    runner = Runner.from_checkpoint(ckpt, slots=len(tokens), chunks=(8,), batches=(len(tokens),))
+    cache, steps = runner.new_cache(), []
+    rows = list(range(len(tokens)))
+    for position in range(tokens.shape[1]):
+        logits, cache = runner.decode(
+            cache, rows, tokens[:, position].tolist(), [position] * len(rows)
+        )
+        steps.append(np.asarray(logits)[: len(rows)])
+    return np.stack(steps, axis=1)
+
+
+@pytest.mark.parametrize("form", ["int8", "float"])
+def test_decode_steps_with_the_kernel_agree_with_float32(pair, form, monkeypatch):
+    """The kernel's forms, as a server decodes (one token a step, one CPU device), against the
+    float32 model over the same tokens: logits within the tolerance, the greedy next token
+    the same at ≥ 95% of positions. Rounding the activations to int8 costs little next to the
+    weights' own rounding."""
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_VARIABLE, form)
+    full, quantized = pair
+    tokens = np.random.default_rng(4).integers(20, full.config.vocab_size, (4, 60))
+    expected, got = _logits(full, tokens), _decoded_logits(quantized, tokens)
+    assert np.abs(got - expected).max() <= LOGIT_TOLERANCE * np.abs(expected).max()
+    agreement = (got.argmax(-1) == expected.argmax(-1)).mean()
+    assert agreement >= 0.95, agreement
+
+
+def test_the_int8_form_is_what_decode_steps_use_by_default(pair, monkeypatch):
+    """Without the variable, decode steps round the activations (where the CPU can): their
+    logits differ from the float form's, by less than the weights' rounding moves them."""
+    _, quantized = pair
+    tokens = np.random.default_rng(5).integers(20, quantized.config.vocab_size, (2, 12))
+    monkeypatch.delenv(cpu_kernels.ACTIVATIONS_VARIABLE, raising=False)
+    default = _decoded_logits(quantized, tokens)
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_VARIABLE, "float")
+    exact = _decoded_logits(quantized, tokens)
+    difference = np.abs(default - exact).max()
+    if cpu_kernels.has_int8_activations():
+        assert 0 < difference <= LOGIT_TOLERANCE * np.abs(exact).max()
+    else:
+        assert difference == 0
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_VARIABLE, "int4")
+    with pytest.raises(ValueError, match="STARCODER_INT8_ACTIVATIONS"):
+        _decoded_logits(quantized, tokens)
+
+
+def test_the_kernel_rounds_activations_only_where_the_cpu_has_vnni():
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert cpu_kernels.has_int8_activations() == ("avx512_vnni" in flags)
+
+
+SHAPES = [(1, 37, 100), (3, 768, 130), (9, 48, 256), (16, 64, 65), (2, 3072, 70)]
+
+
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+def test_the_cpu_kernel_multiplies_as_numpy_does(m, k, n, int8_activations):
+    """Rows in groups of 8 and a remainder, a weight width that is no multiple of 16 (and
+    widths that are no multiple of 64, which the int8 form leaves to the float one), more
+    output rows than one thread's block, and fewer. The int8 form multiplies the activations
+    rounded in groups of 64, and stays within half a step of each activation of the product."""
     assert cpu_kernels.has_int8_matmul()  # built here, with this machine's C++ compiler
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, :64] *= 50  # a group with an outlier gets a coarser step of its own
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scale = rng.random(n).astype(np.float32)
-    got = np.asarray(jax.jit(cpu_kernels.int8_matmul)(x, w, scale))
-    expected = (x.astype(np.float64) @ w.T.astype(np.float64)) * scale
+    product = jax.jit(
+        functools.partial(cpu_kernels.int8_matmul, round_activations=int8_activations)
+    )
+    got = np.asarray(product(x, w, scale))
+    rounded = int8_activations and cpu_kernels.has_int8_activations() and k % 64 == 0
+    seen = _rounded_in_groups(x) if rounded else x
+    expected = (seen.astype(np.float64) @ w.T.astype(np.float64)) * scale
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    exact = (x.astype(np.float64) @ w.T.astype(np.float64)) * scale
+    if rounded:
+        steps = np.repeat(np.abs(x).reshape(m, -1, 64).max(axis=-1) / 127, 64, axis=1)
+        bound = (steps / 2) @ np.abs(w.T.astype(np.float64)) * scale
+        assert (np.abs(got - exact) <= bound * 1.001 + 1e-4).all()
+        assert np.abs(got - exact).max() > 1e-3 * np.abs(exact).max()  # it did round
+    else:
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
 
 
 def test_the_kernel_is_right_when_called_from_several_threads_at_once():
