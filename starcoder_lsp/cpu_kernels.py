@@ -1,6 +1,6 @@
 """Our CPU kernels (kernels/*.cc): built on first use, called from jit through XLA's FFI.
 
-Two parts of a decode step run far below memory speed in XLA on CPU, and a decode step is
+Three parts of a decode step run far below memory speed in XLA on CPU, and a decode step is
 bound by memory:
 
 - the product with an int8 weight: XLA's CPU dot of one runs 6-7× slower per element than
@@ -11,6 +11,8 @@ bound by memory:
 - attention over the cached keys and values: XLA's loop over them runs its small products at
   a tenth of the memory speed (26 ms a step for tiny_starcoder_py at 7,600 cached positions,
   where reading them takes 2 ms). past_attention.cc reads each cached key and value once.
+- layer norms: XLA runs one of a decode row as five or six small programs of 2-4 µs each;
+  layer_norm.cc is one call.
 
 They share threads of their own (workers.h), kept awake between the calls of a step. They
 are compiled here, on the machine that runs them (-march=native: the host's vector
@@ -39,10 +41,14 @@ from jax.sharding import Mesh
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = tuple(KERNELS / name for name in ("int8_matmul.cc", "past_attention.cc", "workers.cc"))
+SOURCES = tuple(
+    KERNELS / name
+    for name in ("int8_matmul.cc", "past_attention.cc", "layer_norm.cc", "workers.cc")
+)
 HEADERS = (KERNELS / "workers.h",)
 INT8_MATMUL = "starcoder_int8_matmul"
 PAST_ATTENTION = "starcoder_past_attention"
+LAYER_NORM = "starcoder_layer_norm"
 BUILD_DIR = Path.home() / ".cache" / "starcoder-lsp" / "kernels"
 # Set to 0 to keep XLA's forms (to compare the two, or where a build misbehaves).
 ENABLE_VARIABLE = "STARCODER_CPU_KERNELS"
@@ -111,6 +117,7 @@ def _registered() -> frozenset[str]:
     for target, symbol in (
         (INT8_MATMUL, "StarcoderInt8Matmul"),
         (PAST_ATTENTION, "StarcoderPastAttention"),
+        (LAYER_NORM, "StarcoderLayerNorm"),
     ):
         if hasattr(library, symbol):  # the attention kernel needs AVX-512
             jax.ffi.register_ffi_target(
@@ -135,6 +142,21 @@ def has_past_attention() -> bool:
     return PAST_ATTENTION in _registered()
 
 
+def has_layer_norm() -> bool:
+    return LAYER_NORM in _registered()
+
+
+def layer_norm(rows: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """The layer norm of float32 rows [M, K] (scale and bias [K]), on one CPU device."""
+    call = jax.ffi.ffi_call(LAYER_NORM, jax.ShapeDtypeStruct(rows.shape, jnp.float32))
+    return call(
+        rows.astype(jnp.float32),
+        scale.astype(jnp.float32),
+        bias.astype(jnp.float32),
+        epsilon=np.float32(epsilon),
+    )
+
+
 def has_int8_activations() -> bool:
     """Whether the int8 kernel can round its activations to int8 (a CPU with AVX-512 VNNI)."""
     library = _library()
@@ -151,17 +173,22 @@ def int8_activations() -> bool:
 
 
 def int8_matmul(
-    rows: jax.Array, weight: jax.Array, scale: jax.Array, round_activations: bool = False
+    rows: jax.Array,
+    weight: jax.Array,
+    scale: jax.Array,
+    round_activations: bool = False,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
-    """rows [M, K] · (weight [N, K] · scale [N])ᵀ as float32 [M, N], on one CPU device.
-    round_activations: round each 64 values of a row to int8 with a scale of their own, where
-    the CPU can and K is a multiple of 64."""
+    """rows [M, K] · (weight [N, K] · scale [N])ᵀ (+ bias [N]) as float32 [M, N], on one CPU
+    device. round_activations: round each 64 values of a row to int8 with a scale of their
+    own, where the CPU can and K is a multiple of 64."""
     out = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(INT8_MATMUL, out, vmap_method="sequential")
     return call(
         rows.astype(jnp.float32),
         weight,
         scale.astype(jnp.float32),
+        jnp.zeros((0,), jnp.float32) if bias is None else bias.astype(jnp.float32),
         int8_activations=np.int64(round_activations),
     )
 

@@ -79,17 +79,18 @@ def project_int8(
     scale: jax.Array,
     one_cpu: bool = False,
     int8_activations: bool = False,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
-    """x [..., in] · (weight · scale)ᵀ for an int8 weight [out, in] with a scale per row
-    [out]: the scale is applied to the product, never to the weight, so the weight is read as
-    the int8 it is stored as. one_cpu: the weight is whole on one CPU device.
+    """x [..., in] · (weight · scale)ᵀ (+ bias) for an int8 weight [out, in] with a scale
+    per row [out]: the scale is applied to the product, never to the weight, so the weight is
+    read as the int8 it is stored as. one_cpu: the weight is whole on one CPU device.
     int8_activations: our CPU kernel rounds x to int8 too, in groups of 64 (cpu_kernels.py)."""
     rows = x.reshape(-1, x.shape[-1])
     contract = (((1,), (1,)), ((), ()))
     few = rows.shape[0] <= FEW_ROWS
     if few and one_cpu and cpu_kernels.has_int8_matmul():
-        out = cpu_kernels.int8_matmul(rows, weight, scale, int8_activations).astype(x.dtype)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        out = cpu_kernels.int8_matmul(rows, weight, scale, int8_activations, bias)
+        return out.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     if few and one_cpu and weight.shape[0] % CPU_INT8_BLOCK == 0:
         blocks = weight.reshape(-1, CPU_INT8_BLOCK, weight.shape[1])
 
@@ -105,6 +106,8 @@ def project_int8(
     else:
         out = jax.lax.dot_general(rows, weight, contract, preferred_element_type=jnp.float32)
     out = (out * scale).astype(x.dtype)
+    if bias is not None:
+        out = out + bias.astype(x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -126,13 +129,15 @@ class Linear(nn.Module):
         if self.quantized:
             weight = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
             scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
-            out = project_int8(x, weight, scale, self.one_cpu, self.int8_activations)
         else:
             weight = self.param("kernel", nn.initializers.normal(0.02), shape, self.dtype)
-            out = project(x, weight)
-        if not self.use_bias:
-            return out
-        return out + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        if self.quantized:
+            return project_int8(x, weight, scale, self.one_cpu, self.int8_activations, bias)
+        out = project(x, weight)
+        return out if bias is None else out + bias
 
 
 def linear_layers(
@@ -144,6 +149,31 @@ def linear_layers(
     return lambda features, name: Linear(
         features, dtype, cfg.use_bias, cfg.quantized, local, int8_activations, name=name
     )
+
+
+class LayerNorm(nn.Module):
+    """A layer norm with a scale and a bias (flax's parameter names), its statistics in
+    float32; on one CPU device the few rows of a decode step go to our kernel (one call where
+    XLA runs five or six small programs)."""
+
+    epsilon: float
+    dtype: jnp.dtype
+    one_cpu: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.dtype)
+        rows = x.reshape(-1, features)
+        few = rows.shape[0] <= FEW_ROWS and x.dtype == jnp.float32
+        if few and self.one_cpu and cpu_kernels.has_layer_norm():
+            return cpu_kernels.layer_norm(rows, scale, bias, self.epsilon).reshape(x.shape)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 class Embed(nn.Module):
@@ -289,9 +319,8 @@ class Block(LayerModule):
         recent: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        norm = lambda name: nn.LayerNorm(
-            epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name=name
-        )
+        local = one_cpu(self.mesh)
+        norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, self.dtype, local, name=name)
         placement = (self.layer, self.past_block, self.mesh, self.int8_activations)
         attention = Attention(cfg, self.dtype, *placement, name="attn")
         attn_out, new_kv = attention(norm("ln_1")(x), positions, new_visible, past, recent)
@@ -357,9 +386,7 @@ class GPTBigCode(nn.Module):
             last = x.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
             x = x[jnp.arange(x.shape[0]), last]  # [b, d]
 
-        x = nn.LayerNorm(
-            epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name="ln_f"
-        )(x)
+        x = LayerNorm(cfg.layer_norm_epsilon, self.dtype, local, name="ln_f")(x)
         if cfg.tie_word_embeddings:  # the LM head is the token embedding
             logits = wte.attend(x)
         else:

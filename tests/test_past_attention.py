@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
         (2, 128, 3, 4, None),  # a verify step of a GQA model: 3 new tokens per row
         (2, 64, 1, 2, 300),  # a sliding window (StarCoder2) that cuts into the cache
         (1, 64, 2, 6, 40),  # a window shorter than a span of the kernel
+        (2, 64, 5, 4, None),  # 20 query rows: more than the kernel scores at once, and a rest
     ],
 )
 def test_the_kernel_attends_as_the_loop_does(kv, hd, seq, group, window):

@@ -206,10 +206,13 @@ def test_the_cpu_kernel_multiplies_as_numpy_does(m, k, n, int8_activations):
     x[0, :64] *= 50  # a group with an outlier gets a coarser step of its own
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scale = rng.random(n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if m % 2 else None  # the LM head has none
     product = jax.jit(
         functools.partial(cpu_kernels.int8_matmul, round_activations=int8_activations)
     )
-    got = np.asarray(product(x, w, scale))
+    got = np.asarray(product(x, w, scale, bias=bias))
+    if bias is not None:
+        got = got - bias
     rounded = int8_activations and cpu_kernels.has_int8_activations() and k % 64 == 0
     seen = _rounded_in_groups(x) if rounded else x
     expected = (seen.astype(np.float64) @ w.T.astype(np.float64)) * scale

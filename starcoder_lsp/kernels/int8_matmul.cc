@@ -1,6 +1,8 @@
-// y[m, n] = (x[m, :] · w[n, :]) * scale[n]: a float32 activation [M, K] against an int8
-// weight [N, K] with a float32 scale per output row, for the few rows of a decode or verify
-// step (M ≤ 16), as an XLA FFI custom call on CPU.
+// y[m, n] = (x[m, :] · w[n, :]) * scale[n] + bias[n]: a float32 activation [M, K] against an
+// int8 weight [N, K] with a float32 scale per output row (and a bias, or none), for the few
+// rows of a decode or verify step (M ≤ 16), as an XLA FFI custom call on CPU. The bias is
+// added here because XLA runs its addition as a program of its own, a few µs each, five a
+// layer.
 //
 // Why a kernel of our own: a decode step is bound by reading the weights once, and XLA's CPU
 // dot of an int8 weight runs 6-7× slower per element than float32's (it does not stream the
@@ -56,6 +58,7 @@ struct Problem {
   const float* x;
   const int8_t* w;
   const float* scale;
+  const float* bias;  // [N], or null
   float* y;
   int64_t m, k, n;
   // The int8 form: x as uint8 (each value + 128) [M, K] and a scale per group [M, K / 64].
@@ -96,7 +99,7 @@ void Rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
       float sum = _mm512_reduce_add_ps(total);
       const float* x = p.x + (m0 + i) * p.k;
       for (int64_t k = full; k < p.k; ++k) sum += x[k] * static_cast<float>(w[k]);
-      p.y[(m0 + i) * p.n + n] = sum * p.scale[n];
+      p.y[(m0 + i) * p.n + n] = sum * p.scale[n] + (p.bias ? p.bias[n] : 0.0f);
     }
   }
 }
@@ -111,7 +114,9 @@ void Rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
       const float wf = static_cast<float>(w[k]);
       for (int i = 0; i < MB; ++i) acc[i] += p.x[(m0 + i) * p.k + k] * wf;
     }
-    for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.n + n] = acc[i] * p.scale[n];
+    for (int i = 0; i < MB; ++i) {
+      p.y[(m0 + i) * p.n + n] = acc[i] * p.scale[n] + (p.bias ? p.bias[n] : 0.0f);
+    }
   }
 }
 #endif
@@ -174,7 +179,7 @@ void RowsInt8(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
     if (g < groups) group(g, 0);
     for (int i = 0; i < MB; ++i) {
       const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-      p.y[(m0 + i) * p.n + n] = sum * p.scale[n];
+      p.y[(m0 + i) * p.n + n] = sum * p.scale[n] + (p.bias ? p.bias[n] : 0.0f);
     }
   }
 }
@@ -234,14 +239,18 @@ void Multiply(Problem p, bool int8_activations) {
 }
 
 ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t int8_activations) {
+                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                      int64_t int8_activations) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || scale.element_count() != wd[0]) {
-    return ffi::Error::InvalidArgument("int8_matmul: x [M, K], w [N, K] and scale [N] expected");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || scale.element_count() != wd[0] ||
+      (bias.element_count() != 0 && bias.element_count() != wd[0])) {
+    return ffi::Error::InvalidArgument(
+        "int8_matmul: x [M, K], w [N, K], scale [N] and bias [N] or [0] expected");
   }
-  Multiply({x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(), xd[0], xd[1],
-            wd[0]},
+  const float* added = bias.element_count() != 0 ? bias.typed_data() : nullptr;
+  Multiply({x.typed_data(), w.typed_data(), scale.typed_data(), added, y->typed_data(), xd[0],
+            xd[1], wd[0]},
            int8_activations != 0);
   return ffi::Error::Success();
 }
@@ -262,6 +271,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StarcoderInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("int8_activations"));
