@@ -8,11 +8,13 @@ and benchmarks/model_bench.py.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starcoder_lsp import cpu_kernels
 from starcoder_lsp.factory import ModelOptions, load_checkpoint
 from starcoder_lsp.generator import GENERATOR_STEPS_PER_CALL
 from starcoder_lsp.runner import Runner
@@ -97,6 +100,20 @@ class _BandwidthProbe:
 
     def __call__(self) -> None:
         self._sum(self._data).block_until_ready()
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """The environment variable `name` set to `value` inside the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def weight_bytes(params: dict) -> int:
@@ -239,12 +256,15 @@ def run(
     ours = _Ours(replace(options, quantize=None), batches, log)
     config, jdtype = ours.checkpoint.config, ours.checkpoint.dtype
     quantized = _Ours(options, batches, log) if options.quantize else None
+    # Where the int8 products round their activations (a CPU with VNNI), the float form too.
+    exact: _Ours | None = None
+    if quantized is not None and quantized.runner.model.int8_activations:
+        with _environment(cpu_kernels.ACTIVATIONS_VARIABLE, "float"):
+            exact = _Ours(options, batches, log)
     theirs: _Transformers | None = None
     if compare and (jdtype != jnp.float32 or backend != "cpu"):
         log("transformers comparison runs on CPU in float32 only; skipped")
     elif compare:
-        import os
-
         theirs = _Transformers(str(ours.checkpoint.path), os.cpu_count() or 1)
     probe = _BandwidthProbe()
 
@@ -304,13 +324,15 @@ def run(
         extra = {"one step": ours.decode_one(b)} | ({"read": probe} if b == batches[0] else {})
         if quantized is not None:
             extra |= {"int8": quantized.decode(b), "int8 one step": quantized.decode_one(b)}
+        if exact is not None:
+            extra |= {"int8 float": exact.decode(b)}
         make = lambda side, b=b: side.decode(b)
         decode[b] = measure(
             f"decode batch {b} (ours: a call of {steps} steps)", make, repeats * 4, **extra
         )
-        decode[b]["ours"] /= steps
-        if quantized is not None:
-            decode[b]["int8"] /= steps
+        for case in ("ours", "int8", "int8 float"):
+            if case in decode[b]:
+                decode[b][case] /= steps
     bandwidth = probe.nbytes / decode[batches[0]]["read"]
     floor_ms = bytes_per_step / bandwidth * 1000
     rows.append(
@@ -329,10 +351,13 @@ def run(
         rows.append(Row("decode floor: param bytes ÷ bandwidth, int8", int8_floor, None, "ms"))
     cases = [("ours", "", f"{steps} steps per call"), ("one step", "", "as the server decodes")]
     if quantized is not None:
+        rounding = ", activations rounded to int8" if exact is not None else ""
         cases += [
-            ("int8", "int8", f"{steps} steps per call"),
-            ("int8 one step", "int8", "as the server decodes"),
+            ("int8", "int8", f"{steps} steps per call{rounding}"),
+            ("int8 one step", "int8", f"as the server decodes{rounding}"),
         ]
+    if exact is not None:
+        cases += [("int8 float", "int8, float activations", f"{steps} steps per call")]
     for case, label, how in cases:
         floor = int8_floor if label else floor_ms
         first = decode[batches[0]][case]
