@@ -8,13 +8,12 @@ and benchmarks/model_bench.py.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starcoder_lsp import cpu_kernels
 from starcoder_lsp.factory import ModelOptions, load_checkpoint
 from starcoder_lsp.generator import GENERATOR_STEPS_PER_CALL
 from starcoder_lsp.runner import Runner
@@ -102,20 +100,6 @@ class _BandwidthProbe:
         self._sum(self._data).block_until_ready()
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """The environment variable `name` set to `value` inside the block."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
-
-
 def weight_bytes(params: dict) -> int:
     """Bytes the parameters take on the devices (one copy of each)."""
     return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
@@ -139,14 +123,22 @@ class _Ours:
     """Our engine on a checkpoint, with every shape compiled: makes the timed calls."""
 
     def __init__(
-        self, options: ModelOptions, batches: Sequence[int], log: Callable[[str], None]
+        self,
+        options: ModelOptions,
+        batches: Sequence[int],
+        log: Callable[[str], None],
+        int8_activations: bool | None = None,
     ) -> None:
         start = time.perf_counter()
         self.checkpoint = ckpt = load_checkpoint(options)
         self.load = time.perf_counter() - start
         log(f"loaded in {self.load:.1f} s")
         self.runner = Runner.from_checkpoint(
-            ckpt, slots=max(batches), batches=batches, steps_per_call=GENERATOR_STEPS_PER_CALL
+            ckpt,
+            slots=max(batches),
+            batches=batches,
+            steps_per_call=GENERATOR_STEPS_PER_CALL,
+            int8_activations=int8_activations,
         )
         log(f"compiling {len(self.runner.shapes())} shapes...")
         start = time.perf_counter()
@@ -259,8 +251,7 @@ def run(
     # Where the int8 products round their activations (a CPU with VNNI), the float form too.
     exact: _Ours | None = None
     if quantized is not None and quantized.runner.model.int8_activations:
-        with _environment(cpu_kernels.ACTIVATIONS_VARIABLE, "float"):
-            exact = _Ours(options, batches, log)
+        exact = _Ours(options, batches, log, int8_activations=False)
     theirs: _Transformers | None = None
     if compare and (jdtype != jnp.float32 or backend != "cpu"):
         log("transformers comparison runs on CPU in float32 only; skipped")

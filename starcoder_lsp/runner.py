@@ -81,7 +81,8 @@ class Runner:
     generation, see speculate.py); draft_distributions: the drafts come with the
     distributions they were drawn from (a draft model), not as certainties (prompt lookup).
     steps_with_probs: `propose` (decode_steps) also returns those distributions, as a draft
-    model's runner must.
+    model's runner must. int8_activations: whether an int8 model on one CPU device rounds its
+    activations to int8 where the CPU can (default: as cpu_kernels.int8_activations() says).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class Runner:
         draft_tokens: int = 0,
         draft_distributions: bool = False,
         steps_with_probs: bool = False,
+        int8_activations: bool | None = None,
     ) -> None:
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call must be at least 1, not {steps_per_call}")
@@ -108,9 +110,16 @@ class Runner:
         self.draft_distributions = draft_distributions
         self.steps_with_probs = steps_with_probs
         self.config, self.params, self.mesh, self.dtype = config, params, mesh, jnp.dtype(dtype)
-        # Read here, not when a program is traced: a bad value is refused when the runner is
-        # made, and a runner's programs keep the form they were made with.
-        rounds = config.quantized and one_cpu(mesh) and cpu_kernels.int8_activations()
+        # Decided here, not when a program is traced: a bad setting is refused when the runner
+        # is made, and a runner's programs keep the form they were made with.
+        if int8_activations is None:
+            int8_activations = config.quantized and cpu_kernels.int8_activations()
+        rounds = (
+            int8_activations
+            and config.quantized
+            and one_cpu(mesh)
+            and cpu_kernels.has_int8_activations()
+        )
         self.model = GPTBigCode(config, self.dtype, mesh=mesh, int8_activations=rounds)
         self.max_len = min(max_len or config.n_positions, config.n_positions)
         self.chunks = tuple(sorted(chunks))

@@ -11,20 +11,20 @@
 // Two forms of the product (attribute int8_activations):
 // - float activations: each 16 int8 weights are widened to float32 in registers and
 //   multiplied into every row. The result is the dequantized product up to the order of the
-//   float sums. Widening costs three instructions per 16 weights: on a 2-core Xeon this reads
-//   the weights at 60-75% of the memory's speed.
-// - int8 activations (where the CPU has AVX-512 VNNI and K is a multiple of 64): each block of
+//   float sums. Widening costs three instructions per 16 weights: on a 2-core Xeon this loop
+//   read the weights at 60-75% of the memory's speed before they were prefetched, and at
+//   about 80% after.
+// - int8 activations (where the CPU has AVX-512 VNNI and K is a multiple of 64): each group of
 //   64 values of a row is rounded to int8 with a scale of its own (its largest magnitude /
-//   127), as llama.cpp's q8_0 does with blocks of 32, and one vpdpbusd multiplies 64 weights
+//   127), as llama.cpp's q8_0 does with groups of 32, and one vpdpbusd multiplies 64 weights
 //   by 64 activations. This reads the weights at the memory's speed; each activation is off
-//   by at most half its block's step.
+//   by at most half its group's step.
 //
 // Rows of the weight are shared out in blocks over the calling thread and our workers
 // (workers.h). The weights are prefetched ahead of the loads: one core's reads alone reach
 // 8 GB/s on that Xeon, and the hardware prefetcher does not keep two cores' reads in flight.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 

@@ -89,6 +89,7 @@ inline void Transpose16(__m512 r[16]) {
     r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
   }
 }
+
 struct Problem {
   const float* q;
   const float* cache;
@@ -183,7 +184,7 @@ void Span(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, float*
   const float* values = p.values(b, h) + t0 * stride;
   const int64_t padded = (n + 15) / 16 * 16;
   // Rows of scores, then the queries transposed in groups of kScoreRows (zero past the last
-  // row), then the tile.
+  // row). The tile (hd × 16 keys) is a buffer of its own.
   const int64_t groups = (p.rows + kScoreRows - 1) / kScoreRows;
   scores.assign(p.rows * padded + groups * kScoreRows * hd, 0.0f);
   float* queries = scores.data() + p.rows * padded;
