@@ -9,9 +9,11 @@ import {
   DidChangeConfigurationNotification,
   ErrorAction,
   ExecuteCommandRequest,
+  InlineCompletionRequest,
   LanguageClient,
   State,
   type ErrorHandler,
+  type Middleware,
   type LanguageClientOptions,
   type ServerOptions,
   type StreamInfo,
@@ -50,6 +52,8 @@ let output: vscode.LogOutputChannel;
  */
 interface Session {
   where: string;
+  /** Set once the client is made: its middleware asks it whether it runs. */
+  client?: LanguageClient;
   link?: RemoteLink;
   /** A connection that had been made ended: the next ones are reconnections. */
   reconnecting: boolean;
@@ -143,6 +147,35 @@ function quietWhileStarting<T>(what: string) {
   };
 }
 
+/**
+ * Inline completions while the client runs, and quietly none while it (re)starts. A request
+ * made while it reconnects would wait for the connection and be stale when it came, and one
+ * caught by a connection that drops fails with the restart ("Starting server failed"), which
+ * vscode-languageclient shows as an error message: the status bar item already says what is
+ * going on. Failures while the client runs (the server's errors) are handled as before.
+ */
+function completionsWhileRunning(session: Session): Middleware['provideInlineCompletionItems'] {
+  return async (document, position, context, token) => {
+    const running = session.client;
+    if (!running || session.stopped || running.state !== State.Running) {
+      return null;
+    }
+    const params = running.code2ProtocolConverter.asInlineCompletionParams(document, position, context);
+    try {
+      const result = await running.sendRequest(InlineCompletionRequest.type, params, token);
+      return token.isCancellationRequested
+        ? null
+        : running.protocol2CodeConverter.asInlineCompletionResult(result, token);
+    } catch (error) {
+      if (running.state === State.Running && !session.stopped) {
+        return running.handleFailedRequest(InlineCompletionRequest.type, token, error, null);
+      }
+      output.warn(`textDocument/inlineCompletion not answered: ${errorMessage(error)}`);
+      return null;
+    }
+  };
+}
+
 function clientOptions(s: Settings, session: Session): LanguageClientOptions {
   const remote: Partial<LanguageClientOptions> = isRemote(s)
     ? {
@@ -161,6 +194,7 @@ function clientOptions(s: Settings, session: Session): LanguageClientOptions {
       didChange: quietWhileStarting('textDocument/didChange'),
       didSave: quietWhileStarting('textDocument/didSave'),
       didClose: quietWhileStarting('textDocument/didClose'),
+      provideInlineCompletionItems: completionsWhileRunning(session),
     },
     // Read at every (re)start: a reconnection sends the settings of now, changes included.
     initializationOptions: () => initializationOptions(settings()),
@@ -189,6 +223,7 @@ async function start(): Promise<void> {
     clientOptions(s, session),
   );
   client = started;
+  session.client = started;
   sessions.set(started, session);
   started.onDidChangeState((event) => {
     if (client !== started) {
