@@ -5,9 +5,10 @@ by block where they lie in the cache (online softmax): the cache is never copied
 the new keys, or padded to a span. The loop runs for as many blocks as the longest row has
 cached, a traced count, so one compiled program serves every cache length. Where the cache's
 rows are split across `dp` devices and batch rows pick their cache row by index, each device
-reads only its own rows (`_on_row_owners`). On one CPU device, a decode or verify step reads
-its cache in our kernel instead (cpu_kernels.py), each row as far as its own length: XLA's
-loop ran its small products there at a tenth of the memory speed.
+reads only its own rows (`_on_row_owners`). On one CPU device, a decode or verify step's
+attention, over its new tokens and its cache, is our kernel's instead (cpu_kernels.py), each
+row read as far as its own length: XLA's loop ran its small products there at a tenth of the
+memory speed.
 
 Shapes: q [b, kv_heads, seq·group, hd] (the query heads sharing a key/value head form one
 matrix: with MQA a row's scores are one [seq·heads, hd] × [hd, time] product); keys and values
@@ -113,19 +114,14 @@ def attend(
     mesh: where the cache's rows are split across devices (dp) and batch rows pick their
     cache row by index, each device reads its own rows (see `_on_row_owners`).
     """
-    b, kv, rows, _ = q.shape
-    seq, t = new_visible.shape[1:]
-    scores = _scores(q, new[0]).reshape(b, kv, seq, rows // seq, t)
-    scores = jnp.where(new_visible[:, None, :, None, :], scores, MASKED).reshape(b, kv, rows, t)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.exp(scores - top)
-    state = (top, jnp.sum(weights, axis=-1, keepdims=True), _weighted(weights, new[1]))
-
+    seq = new_visible.shape[1]
     if past.kv.shape[3] and _kernel_reads(q, seq, past, mesh):
-        row = jnp.arange(b) if past.row is None else past.row
-        cached = cpu_kernels.past_attention(q, past.kv, row, past.length, positions, layer, window)
-        state = _merge(state, cached)
-    elif past.kv.shape[3]:
+        row = jnp.arange(q.shape[0]) if past.row is None else past.row
+        return cpu_kernels.attention(
+            q, new, new_visible, past.kv, row, past.length, positions, layer, window
+        )
+    state = new_tokens_state(q, new, new_visible)
+    if past.kv.shape[3]:
         size = min(past_block, past.kv.shape[3])
         read = partial(_attend_past, layer=layer, size=size, window=window)
         rows_split = mesh is not None and sharding.splits_cache_rows(mesh, past.kv.shape[2])
@@ -137,10 +133,24 @@ def attend(
     return out / total
 
 
+def new_tokens_state(
+    q: jax.Array, new: tuple[jax.Array, jax.Array], new_visible: jax.Array
+) -> State:
+    """The softmax state (max, sum, output) of q [b, kv, seq·group, hd] over the new tokens'
+    keys and values [b, t, kv, hd] that new_visible [b, seq, t] lets each query see."""
+    b, kv, rows, _ = q.shape
+    seq, t = new_visible.shape[1:]
+    scores = _scores(q, new[0]).reshape(b, kv, seq, rows // seq, t)
+    scores = jnp.where(new_visible[:, None, :, None, :], scores, MASKED).reshape(b, kv, rows, t)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - top)
+    return top, jnp.sum(weights, axis=-1, keepdims=True), _weighted(weights, new[1])
+
+
 def _kernel_reads(q: jax.Array, seq: int, past: PastKV, mesh: Mesh | None) -> bool:
-    """Whether our CPU kernel reads the cache (past_attention.cc): for the few query rows of a
-    decode or verify step on one CPU device, where XLA's loop runs at a tenth of the memory
-    speed. A prefill chunk's many rows keep the loop, whose products are large enough."""
+    """Whether our CPU kernel attends (past_attention.cc): for the few query rows of a decode
+    or verify step on one CPU device, where XLA's loop over the cache runs at a tenth of the
+    memory speed. A prefill chunk's many rows keep the loop, whose products are large enough."""
     return (
         seq <= FEW_NEW_TOKENS
         and q.shape[3] % 16 == 0

@@ -10,7 +10,8 @@ bound by memory:
   a scale each (as llama.cpp's q8_0 does), so that one instruction multiplies 64 weights.
 - attention over the cached keys and values: XLA's loop over them runs its small products at
   a tenth of the memory speed (26 ms a step for tiny_starcoder_py at 7,600 cached positions,
-  where reading them takes 2 ms). past_attention.cc reads each cached key and value once.
+  where reading them takes 2 ms). past_attention.cc reads each cached key and value once,
+  and takes the new tokens' part of the attention too (eight small XLA programs a layer).
 - layer norms: XLA runs one of a decode row as five or six small programs of 2-4 µs each;
   layer_norm.cc is one call.
 
@@ -193,28 +194,31 @@ def int8_matmul(
     )
 
 
-def past_attention(
+def attention(
     q: jax.Array,
+    new: tuple[jax.Array, jax.Array],
+    new_visible: jax.Array,
     cache: jax.Array,
     row: jax.Array,
     length: jax.Array,
     positions: jax.Array,
     layer: int,
     window: int | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The softmax state of q [b, kv, R, hd] over the cached keys and values, float32 cache
-    [layers, 2, rows, time, kv, hd]: batch row i reads cache row `row[i]`, positions below
-    `length[i]` (within `window` of its query's position in `positions` [b, seq]). Returns
-    (max [b, kv, R, 1], sum [b, kv, R, 1], output [b, kv, R, hd]), as attention.py's loop."""
+) -> jax.Array:
+    """The attention of q [b, kv, R, hd] (scaled; R = seq · group, new token r // group) over
+    the new tokens' keys and values new [b, t, kv, hd] that new_visible [b, seq, t] lets each
+    see, and over the float32 cache [layers, 2, rows, time, kv, hd]: batch row i reads cache
+    row `row[i]`, positions below `length[i]` (within `window` of its query's position in
+    `positions` [b, seq]). Returns float32 [b, kv, R, hd], as attention.attend; zeros for a
+    query row that sees no key."""
     b, kv, rows, hd = q.shape
-    shapes = (
-        jax.ShapeDtypeStruct((b, kv, rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, kv, rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, kv, rows, hd), jnp.float32),
-    )
-    call = jax.ffi.ffi_call(PAST_ATTENTION, shapes, vmap_method="sequential")
-    top, total, out = call(
+    shape = jax.ShapeDtypeStruct((b, kv, rows, hd), jnp.float32)
+    call = jax.ffi.ffi_call(PAST_ATTENTION, shape, vmap_method="sequential")
+    return call(
         q.astype(jnp.float32),
+        new[0].astype(jnp.float32),
+        new[1].astype(jnp.float32),
+        new_visible.astype(jnp.int8),
         cache,
         row.astype(jnp.int32),
         length.astype(jnp.int32),
@@ -222,4 +226,3 @@ def past_attention(
         layer=np.int64(layer),
         window=np.int64(window or 0),
     )
-    return top[..., None], total[..., None], out

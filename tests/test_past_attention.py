@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from starcoder_lsp import checkpoint, cpu_kernels, sharding
-from starcoder_lsp.attention import PastKV, _attend_past, _merge
+from starcoder_lsp.attention import PastKV, _attend_past, new_tokens_state
 from starcoder_lsp.runner import DECODE, PREFILL, Runner
 
 pytestmark = pytest.mark.skipif(
@@ -29,29 +29,41 @@ pytestmark = pytest.mark.skipif(
 )
 def test_the_kernel_attends_as_the_loop_does(kv, hd, seq, group, window):
     """Rows of several lengths (one empty, one not a multiple of the kernel's span), picking
-    cache rows out of order; the state merged with that of the new tokens, as attend does."""
+    cache rows out of order, with two keys decoded earlier in the call before the new tokens'
+    own (each token sees those and the new ones up to itself): as attend's loop, normalised."""
     rng = np.random.default_rng(hd + seq)
     layers, cache_rows, time = 3, 5, 1100
     cache = jnp.asarray(rng.standard_normal((layers, 2, cache_rows, time, kv, hd), np.float32))
     length = jnp.asarray([1037, 0, 256, 300], jnp.int32)
-    b = len(length)
+    b, t = len(length), seq + 2
     row = jnp.asarray(rng.permutation(cache_rows)[:b].astype(np.int32))
     positions = length[:, None] + jnp.arange(seq, dtype=jnp.int32)
     q = jnp.asarray(rng.standard_normal((b, kv, seq * group, hd), np.float32)) * 0.3
-    # The state over the new tokens' keys, which the cached state is merged into.
-    new = (
-        jnp.asarray(rng.standard_normal((b, kv, seq * group, 1)), jnp.float32),
-        jnp.ones((b, kv, seq * group, 1), jnp.float32),
-        jnp.asarray(rng.standard_normal((b, kv, seq * group, hd)), jnp.float32),
-    )
+    new = tuple(jnp.asarray(rng.standard_normal((b, t, kv, hd)), jnp.float32) for _ in "kv")
+    visible = jnp.broadcast_to(jnp.arange(t)[None, :] <= jnp.arange(seq)[:, None] + 2, (b, seq, t))
     past = PastKV(cache, length, row)
-    loop = _attend_past(q, past, new, positions, layer=1, size=256, window=window)
-    kernel = jax.jit(cpu_kernels.past_attention, static_argnames=("layer", "window"))(
-        q, cache, row, length, positions, layer=1, window=window
+    state = new_tokens_state(q, new, visible)
+    _, total, out = _attend_past(q, past, state, positions, layer=1, size=256, window=window)
+    kernel = jax.jit(cpu_kernels.attention, static_argnames=("layer", "window"))(
+        q, new, visible, cache, row, length, positions, layer=1, window=window
     )
-    merged = _merge(new, kernel)
-    for expected, got in zip(loop, merged, strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(out / total), rtol=2e-5, atol=2e-5)
+
+
+def test_a_query_that_sees_no_key_gets_zeros():
+    """A padding token with no cached positions and no visible new key: zeros, where 0 / 0
+    would be NaN (and a NaN value times a zero weight spreads to the tokens that see it)."""
+    rng = np.random.default_rng(3)
+    kv, hd, seq, group, t = 1, 64, 2, 3, 2
+    cache = jnp.asarray(rng.standard_normal((1, 2, 2, 16, kv, hd), np.float32))
+    q = jnp.asarray(rng.standard_normal((1, kv, seq * group, hd), np.float32))
+    new = tuple(jnp.asarray(rng.standard_normal((1, t, kv, hd)), jnp.float32) for _ in "kv")
+    visible = jnp.asarray([[[True, False], [False, False]]])  # the second token: padding
+    length, row, positions = jnp.asarray([0]), jnp.asarray([1]), jnp.asarray([[0, 1]])
+    out = cpu_kernels.attention(q, new, visible, cache, row, length, positions, 0, None)
+    out = np.asarray(out).reshape(seq, group, hd)
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_allclose(out[0], np.broadcast_to(np.asarray(new[1])[0, 0, 0], (group, hd)))
 
 
 def test_decode_steps_on_one_cpu_device_read_the_cache_with_the_kernel(tiny_mqa_dir):

@@ -1,6 +1,6 @@
-// Attention of a few query rows over the cached keys and values of their cache rows, read where
-// they lie in the cache, as an XLA FFI custom call on CPU: the part of a decode or verify step
-// that grows with the context.
+// Attention of a few query rows over the new tokens' keys and the cached keys of their cache
+// rows, read where they lie in the cache, as an XLA FFI custom call on CPU: the attention of
+// a decode or verify step, the part of the step that grows with the context.
 //
 // Why a kernel of our own: XLA's CPU loop over the cache (attention.py) runs its small products
 // at a tenth of the memory speed. For tiny_starcoder_py at 7,600 cached positions the loop took
@@ -8,16 +8,17 @@
 // that context cost twice one at 100 positions. Here each task takes a span of positions of one
 // row and key/value head, scores every query row against each key while the key is in
 // registers, and keeps a running maximum, sum and output per query row (online softmax); the
-// spans, shared out over our workers (workers.h), are then merged.
-//
-// The result is the softmax state of the past alone, (max, sum, output) per query row, which
-// attention.py merges with the state over the new tokens, as its own loop does.
+// spans, shared out over our workers (workers.h), are then merged with the new tokens' part.
+// The new tokens' part is taken here too: in XLA it was eight small programs a layer (scores,
+// softmax, the merge, the division), about 20 µs a layer at batch 1.
 //
 // Inputs: q [b, kv, R, hd] (R = new tokens · query heads per key/value head, new token
-// r / group), the cache [layers, 2, rows, time, kv, hd], row [b] (the cache row of each batch
-// row), length [b] (cached positions per batch row), positions [b, seq] (the new tokens'
-// positions, for the sliding window). Attributes: layer, window (0: none).
-// Outputs: top [b, kv, R], total [b, kv, R], out [b, kv, R, hd].
+// r / group), the new tokens' keys and values [b, t, kv, hd] (t: the new tokens, after any
+// decoded earlier in the same call), which of them each new token sees, visible [b, seq, t]
+// (int8, 0 or 1), the cache [layers, 2, rows, time, kv, hd], row [b] (the cache row of each
+// batch row), length [b] (cached positions per batch row), positions [b, seq] (the new
+// tokens' positions, for the sliding window). Attributes: layer, window (0: none).
+// Output: out [b, kv, R, hd], the attention's output (0 for a row that sees no key).
 
 #include <algorithm>
 #include <cmath>
@@ -41,6 +42,8 @@ namespace {
 // Cached positions per task: enough that a task's cost dwarfs taking it, few enough that two
 // threads share a context of 1,000 positions.
 constexpr int64_t kSpan = 256;
+// The fewest positions a span is cut to for sharing a row's positions over two threads.
+constexpr int64_t kMinSpan = 64;
 // As attention.py's MASKED: finite, so that a row that sees nothing has a zero sum, not NaN.
 constexpr float kMasked = std::numeric_limits<float>::lowest();
 
@@ -92,6 +95,10 @@ inline void Transpose16(__m512 r[16]) {
 
 struct Problem {
   const float* q;
+  const float* new_keys;
+  const float* new_values;
+  const int8_t* visible;
+  int64_t new_count;  // t
   const float* cache;
   const int32_t* row;
   const int32_t* length;
@@ -269,26 +276,67 @@ void Span(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, float*
   }
 }
 
-ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
-                         ffi::Buffer<ffi::S32> row, ffi::Buffer<ffi::S32> length,
-                         ffi::Buffer<ffi::S32> positions,
-                         int64_t layer, int64_t window, ffi::ResultBuffer<ffi::F32> top,
-                         ffi::ResultBuffer<ffi::F32> total, ffi::ResultBuffer<ffi::F32> out) {
+// The new tokens' part for batch row b, key/value head h: each query row's (max, sum,
+// output) over the new keys it sees, into state (rows × (hd + 2) floats), as a span's.
+void NewTokens(const Problem& p, int64_t b, int64_t h, float* state) {
+  const int64_t hd = p.hd, width = hd + 2, t = p.new_count;
+  std::vector<float> scores(t);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float* q = p.q + ((b * p.kv + h) * p.rows + r) * hd;
+    const int8_t* sees = p.visible + (b * p.seq + r / p.group) * t;
+    float top = kMasked;
+    for (int64_t j = 0; j < t; ++j) {
+      if (!sees[j]) continue;
+      const float* key = p.new_keys + ((b * t + j) * p.kv + h) * hd;
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 16) {
+        dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(key + d), dot);
+      }
+      scores[j] = _mm512_reduce_add_ps(dot);
+      top = std::max(top, scores[j]);
+    }
+    float* out = state + r * width;
+    std::fill(out, out + hd, 0.0f);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < t; ++j) {
+      if (!sees[j]) continue;
+      const float weight = std::exp(scores[j] - top);
+      const float* value = p.new_values + ((b * t + j) * p.kv + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) out[d] += weight * value[d];
+      sum += weight;
+    }
+    out[hd] = top;
+    out[hd + 1] = sum;
+  }
+}
+
+ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> new_keys,
+                         ffi::Buffer<ffi::F32> new_values, ffi::Buffer<ffi::S8> visible,
+                         ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::S32> row,
+                         ffi::Buffer<ffi::S32> length, ffi::Buffer<ffi::S32> positions,
+                         int64_t layer, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
+  const auto nd = new_keys.dimensions();
+  const auto vd = visible.dimensions();
   const auto cd = cache.dimensions();
   const auto pd = positions.dimensions();
-  if (qd.size() != 4 || cd.size() != 6 || pd.size() != 2 || cd[1] != 2 || cd[4] != qd[1] ||
-      cd[5] != qd[3] || qd[3] % 16 != 0 || row.element_count() != qd[0] ||
+  if (qd.size() != 4 || nd.size() != 4 || vd.size() != 3 || cd.size() != 6 || pd.size() != 2 ||
+      cd[1] != 2 || cd[4] != qd[1] || cd[5] != qd[3] || qd[3] % 16 != 0 ||
+      nd[0] != qd[0] || nd[2] != qd[1] || nd[3] != qd[3] ||
+      new_values.element_count() != new_keys.element_count() || vd[0] != qd[0] ||
+      vd[1] != pd[1] || vd[2] != nd[1] || row.element_count() != qd[0] ||
       length.element_count() != qd[0] || pd[0] != qd[0] || qd[2] % pd[1] != 0 ||
       layer < 0 || layer >= cd[0]) {
     return ffi::Error::InvalidArgument(
-        "past_attention: q [b, kv, R, hd] (hd a multiple of 16), cache [layers, 2, rows, time, "
-        "kv, hd], row [b], length [b] and positions [b, seq] expected");
+        "past_attention: q [b, kv, R, hd] (hd a multiple of 16), new keys and values "
+        "[b, t, kv, hd], visible [b, seq, t], cache [layers, 2, rows, time, kv, hd], row [b], "
+        "length [b] and positions [b, seq] expected");
   }
-  std::vector<int64_t> task_b, task_t0;  // per span: its batch row and first position
-  const Problem p{q.typed_data(), cache.typed_data(), row.typed_data(), length.typed_data(),
-                  positions.typed_data(), qd[0], qd[1], qd[2], qd[3], pd[1], qd[2] / pd[1],
-                  cd[2], cd[3], layer, window};
+  std::vector<int64_t> task_b, task_t0, task_t1;  // per span: its batch row and positions
+  const Problem p{q.typed_data(), new_keys.typed_data(), new_values.typed_data(),
+                  visible.typed_data(), nd[1], cache.typed_data(), row.typed_data(),
+                  length.typed_data(), positions.typed_data(), qd[0], qd[1], qd[2], qd[3],
+                  pd[1], qd[2] / pd[1], cd[2], cd[3], layer, window};
   for (int64_t b = 0; b < p.batch; ++b) {
     if (p.row[b] < 0 || p.row[b] >= p.cache_rows || p.length[b] < 0 || p.length[b] > p.time) {
       return ffi::Error::InvalidArgument("past_attention: a row or length outside the cache");
@@ -301,9 +349,16 @@ ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
       }
       start = std::max<int64_t>(0, nearest - window + 1) / kSpan * kSpan;
     }
-    for (int64_t t0 = start; t0 < p.length[b]; t0 += kSpan) {
+    // Spans of at most kSpan positions, of equal size, and two at least where each would
+    // have kMinSpan: the cached keys are read from memory (the step's weights have gone
+    // through the cache since), which one core alone does at half the speed of two.
+    const int64_t n = p.length[b] - start;
+    const int64_t count = std::max((n + kSpan - 1) / kSpan, std::min<int64_t>(2, n / kMinSpan));
+    const int64_t size = count > 0 ? (n + count - 1) / count : 0;
+    for (int64_t t0 = start; t0 < p.length[b]; t0 += size) {
       task_b.push_back(b);
       task_t0.push_back(t0);
+      task_t1.push_back(std::min<int64_t>(t0 + size, p.length[b]));
     }
   }
   // Each task: one span of one head; its state, rows × (hd + 2) floats: output, max, sum.
@@ -312,22 +367,20 @@ ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
   auto task_state = [&](int64_t task) { return state.data() + task * p.rows * width; };
   starcoder::Parallel(spans * p.kv, [&](int64_t i) {
     thread_local std::vector<float> scores, tile;
-    const int64_t span = i / p.kv, h = i % p.kv, b = task_b[span], t0 = task_t0[span];
-    const int64_t t1 = std::min<int64_t>(t0 + kSpan, p.length[b]);
+    const int64_t span = i / p.kv, h = i % p.kv, b = task_b[span];
+    const int64_t t0 = task_t0[span], t1 = task_t1[span];
     Span(p, b, h, t0, t1, task_state(i), scores, tile);
   });
 
-  // Merge the spans of each (batch row, head), in order, into the outputs.
-  float* top_out = top->typed_data();
-  float* total_out = total->typed_data();
+  // The new tokens' part of each (batch row, head), then its spans merged into it in order.
+  std::vector<float> merged(p.rows * width);
   float* out_out = out->typed_data();
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t h = 0; h < p.kv; ++h) {
+      NewTokens(p, b, h, merged.data());
       for (int64_t r = 0; r < p.rows; ++r) {
-        const int64_t at = (b * p.kv + h) * p.rows + r;
-        float m = kMasked, s = 0.0f;
-        float* o = out_out + at * p.hd;
-        std::fill(o, o + p.hd, 0.0f);
+        float* o = merged.data() + r * width;
+        float m = o[p.hd], s = o[p.hd + 1];
         for (int64_t span = 0; span < spans; ++span) {
           if (task_b[span] != b) continue;
           const float* part = task_state(span * p.kv + h) + r * width;
@@ -339,8 +392,10 @@ ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
           s = s * keep + part_sum * add;
           m = m_new;
         }
-        top_out[at] = m;
-        total_out[at] = s;
+        // A row that sees nothing (padding) gets zeros rather than 0 / 0.
+        const float inverse = s > 0.0f ? 1.0f / s : 0.0f;
+        float* written = out_out + ((b * p.kv + h) * p.rows + r) * p.hd;
+        for (int64_t d = 0; d < p.hd; ++d) written[d] = o[d] * inverse;
       }
     }
   }
@@ -351,15 +406,16 @@ ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StarcoderPastAttention, PastAttention,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new keys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new values
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // visible
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // length
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
                                   .Attr<int64_t>("layer")
                                   .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 #endif  // __AVX512F__
