@@ -40,6 +40,8 @@ class Workers {
     workers_ = cores - 1;
   }
 
+  int64_t Count() const { return workers_; }
+
   void Run(int64_t tasks, const std::function<void(int64_t)>& task) {
     std::unique_lock<std::mutex> own(calling_, std::try_to_lock);
     if (!own.owns_lock() || workers_ == 0 || tasks < 2) {
@@ -94,11 +96,17 @@ class Workers {
   std::shared_ptr<Job> current_;
 };
 
+Workers& TheWorkers() {
+  static Workers* workers = new Workers();  // never destroyed: its threads never end
+  return *workers;
+}
+
 }  // namespace
 
 void Parallel(int64_t tasks, const std::function<void(int64_t)>& task) {
-  static Workers* workers = new Workers();  // never destroyed: its threads never end
-  workers->Run(tasks, task);
+  TheWorkers().Run(tasks, task);
 }
+
+int64_t Threads() { return TheWorkers().Count() + 1; }
 
 }  // namespace starcoder

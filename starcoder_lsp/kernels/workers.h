@@ -16,4 +16,7 @@ namespace starcoder {
 // own thread alone.
 void Parallel(int64_t tasks, const std::function<void(int64_t)>& task);
 
+// How many threads Parallel shares tasks over: the calling thread and the workers.
+int64_t Threads();
+
 }  // namespace starcoder
