@@ -13,7 +13,8 @@ bound by memory:
   where reading them takes 2 ms). past_attention.cc reads each cached key and value once,
   and takes the new tokens' part of the attention too (eight small XLA programs a layer).
 - layer norms: XLA runs one of a decode row as five or six small programs of 2-4 µs each;
-  layer_norm.cc is one call.
+  layer_norm.cc is one call, and where an int8 product follows the norm, int8_matmul.cc
+  takes the norm in the product's own call.
 
 They share threads of their own (workers.h), kept awake between the calls of a step. They
 are compiled here, on the machine that runs them (-march=native: the host's vector
@@ -46,7 +47,7 @@ SOURCES = tuple(
     KERNELS / name
     for name in ("int8_matmul.cc", "past_attention.cc", "layer_norm.cc", "workers.cc")
 )
-HEADERS = (KERNELS / "workers.h",)
+HEADERS = (KERNELS / "workers.h", KERNELS / "layer_norm.h")
 INT8_MATMUL = "starcoder_int8_matmul"
 PAST_ATTENTION = "starcoder_past_attention"
 LAYER_NORM = "starcoder_layer_norm"
@@ -179,18 +180,25 @@ def int8_matmul(
     scale: jax.Array,
     round_activations: bool = False,
     bias: jax.Array | None = None,
+    norm: tuple[jax.Array, jax.Array, float] | None = None,
 ) -> jax.Array:
     """rows [M, K] · (weight [N, K] · scale [N])ᵀ (+ bias [N]) as float32 [M, N], on one CPU
     device. round_activations: round each 64 values of a row to int8 with a scale of their
-    own, where the CPU can and K is a multiple of 64."""
+    own, where the CPU can and K is a multiple of 64. norm: (scale [K], bias [K], epsilon) of
+    a layer norm the rows go through first, as `layer_norm`."""
     out = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(INT8_MATMUL, out, vmap_method="sequential")
+    none = jnp.zeros((0,), jnp.float32)
+    norm_scale, norm_bias, epsilon = (none, none, 0.0) if norm is None else norm
     return call(
         rows.astype(jnp.float32),
         weight,
         scale.astype(jnp.float32),
-        jnp.zeros((0,), jnp.float32) if bias is None else bias.astype(jnp.float32),
+        none if bias is None else bias.astype(jnp.float32),
+        norm_scale.astype(jnp.float32),
+        norm_bias.astype(jnp.float32),
         int8_activations=np.int64(round_activations),
+        epsilon=np.float32(epsilon),
     )
 
 

@@ -26,6 +26,7 @@ can be split across devices while a single MQA key/value head is replicated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -73,6 +74,13 @@ def project(x: jax.Array, weight: jax.Array) -> jax.Array:
 CPU_INT8_BLOCK = 128
 
 
+def int8_kernel_takes(x: jax.Array, quantized: bool, one_cpu: bool) -> bool:
+    """Whether a product of x with a weight goes to our int8 kernel (`project_int8`): an int8
+    weight whole on one CPU device, and the few rows of a decode or verify step."""
+    few = math.prod(x.shape[:-1]) <= FEW_ROWS
+    return quantized and one_cpu and few and cpu_kernels.has_int8_matmul()
+
+
 def project_int8(
     x: jax.Array,
     weight: jax.Array,
@@ -80,17 +88,23 @@ def project_int8(
     one_cpu: bool = False,
     int8_activations: bool = False,
     bias: jax.Array | None = None,
+    norm: LayerNorm | None = None,
 ) -> jax.Array:
-    """x [..., in] · (weight · scale)ᵀ (+ bias) for an int8 weight [out, in] with a scale
-    per row [out]: the scale is applied to the product, never to the weight, so the weight is
-    read as the int8 it is stored as. one_cpu: the weight is whole on one CPU device.
-    int8_activations: our CPU kernel rounds x to int8 too, in groups of 64 (cpu_kernels.py)."""
+    """norm(x) [..., in] · (weight · scale)ᵀ (+ bias) for an int8 weight [out, in] with a
+    scale per row [out]: the scale is applied to the product, never to the weight, so the
+    weight is read as the int8 it is stored as. one_cpu: the weight is whole on one CPU device.
+    int8_activations: our CPU kernel rounds x to int8 too, in groups of 64 (cpu_kernels.py).
+    norm: a layer norm x goes through first; our kernel takes it in the same call."""
     rows = x.reshape(-1, x.shape[-1])
+    if int8_kernel_takes(x, True, one_cpu):
+        fused = None if norm is None else (norm.scale, norm.bias, norm.epsilon)
+        out = cpu_kernels.int8_matmul(rows, weight, scale, int8_activations, bias, fused)
+        return out.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    if norm is not None:
+        x = norm(x)
+        rows = x.reshape(-1, x.shape[-1])
     contract = (((1,), (1,)), ((), ()))
     few = rows.shape[0] <= FEW_ROWS
-    if few and one_cpu and cpu_kernels.has_int8_matmul():
-        out = cpu_kernels.int8_matmul(rows, weight, scale, int8_activations, bias)
-        return out.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     if few and one_cpu and weight.shape[0] % CPU_INT8_BLOCK == 0:
         blocks = weight.reshape(-1, CPU_INT8_BLOCK, weight.shape[1])
 
@@ -123,7 +137,8 @@ class Linear(nn.Module):
     int8_activations: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: LayerNorm | None = None) -> jax.Array:
+        """norm(x) · weightᵀ + bias; norm, a layer norm of x first (see `project_int8`)."""
         shape = (self.features, x.shape[-1])
         x = x.astype(self.dtype)
         if self.quantized:
@@ -135,8 +150,8 @@ class Linear(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         if self.quantized:
-            return project_int8(x, weight, scale, self.one_cpu, self.int8_activations, bias)
-        out = project(x, weight)
+            return project_int8(x, weight, scale, self.one_cpu, self.int8_activations, bias, norm)
+        out = project(x if norm is None else norm(x), weight)
         return out if bias is None else out + bias
 
 
@@ -154,26 +169,32 @@ def linear_layers(
 class LayerNorm(nn.Module):
     """A layer norm with a scale and a bias (flax's parameter names), its statistics in
     float32; on one CPU device the few rows of a decode step go to our kernel (one call where
-    XLA runs five or six small programs)."""
+    XLA runs five or six small programs), or to that of the int8 product that follows, which
+    takes the norm in its own call (`project_int8`)."""
 
+    features: int
     epsilon: float
     dtype: jnp.dtype
     one_cpu: bool = False
 
-    @nn.compact
+    def setup(self) -> None:
+        # Parameters of their own (not made in __call__): an int8 product that follows the
+        # norm reads them to take the norm itself (project_int8).
+        self.scale = self.param("scale", nn.initializers.ones, (self.features,), self.dtype)
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (features,), self.dtype)
-        rows = x.reshape(-1, features)
+        rows = x.reshape(-1, self.features)
         few = rows.shape[0] <= FEW_ROWS and x.dtype == jnp.float32
         if few and self.one_cpu and cpu_kernels.has_layer_norm():
-            return cpu_kernels.layer_norm(rows, scale, bias, self.epsilon).reshape(x.shape)
+            out = cpu_kernels.layer_norm(rows, self.scale, self.bias, self.epsilon)
+            return out.reshape(x.shape)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        scale, bias = self.scale.astype(jnp.float32), self.bias.astype(jnp.float32)
+        return (y * scale + bias).astype(self.dtype)
 
 
 class Embed(nn.Module):
@@ -202,10 +223,12 @@ class Embed(nn.Module):
             rows = rows * jnp.take(self.scale, ids, axis=0)[..., None].astype(self.dtype)
         return rows
 
-    def attend(self, x: jax.Array) -> jax.Array:
+    def attend(self, x: jax.Array, norm: LayerNorm | None = None) -> jax.Array:
+        """norm(x) · tableᵀ (see `project_int8` for norm)."""
         if self.quantized:
-            return project_int8(x, self.embedding, self.scale, self.one_cpu, self.int8_activations)
-        return project(x, self.embedding)
+            table, scale = self.embedding, self.scale
+            return project_int8(x, table, scale, self.one_cpu, self.int8_activations, None, norm)
+        return project(x if norm is None else norm(x), self.embedding)
 
 
 def rotate(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -253,17 +276,21 @@ class Attention(LayerModule):
         new_visible: jax.Array,
         past: PastKV,
         recent: jax.Array | None,
+        norm: LayerNorm | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """x [b, s, d] → (output [b, s, d], new_kv [2, b, s, kv_heads, hd]). recent: this
-        layer's keys and values of tokens decoded earlier in the call, [2, b, steps, kv, hd]."""
+        """norm(x) [b, s, d] → (output [b, s, d], new_kv [2, b, s, kv_heads, hd]). recent:
+        this layer's keys and values of tokens decoded earlier in the call, [2, b, steps, kv,
+        hd]. norm: the layer norm the projections take x through (see `project_int8`)."""
         cfg = self.config
         batch, seq, _ = x.shape
         heads, kv_heads, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         group = heads // kv_heads
         dense = linear_layers(cfg, self.dtype, self.mesh, self.int8_activations)
 
-        q = dense(heads * hd, "q_proj")(x).reshape(batch, seq, kv_heads, group, hd)
-        kv = dense(kv_heads * 2 * hd, "kv_proj")(x).reshape(batch, seq, kv_heads, 2, hd)
+        if norm is not None and not int8_kernel_takes(x, cfg.quantized, one_cpu(self.mesh)):
+            x, norm = norm(x), None  # once, for both projections
+        q = dense(heads * hd, "q_proj")(x, norm).reshape(batch, seq, kv_heads, group, hd)
+        kv = dense(kv_heads * 2 * hd, "kv_proj")(x, norm).reshape(batch, seq, kv_heads, 2, hd)
         keys, values = kv[:, :, :, 0], kv[:, :, :, 1]  # [b, s, kv_heads, hd]
         if not cfg.learned_positions:
             q, keys = rotate(q, positions, cfg.rope_theta), rotate(keys, positions, cfg.rope_theta)
@@ -301,10 +328,11 @@ class MLP(nn.Module):
     int8_activations: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: LayerNorm | None = None) -> jax.Array:
+        """norm(x) through the two layers (see `project_int8` for norm)."""
         cfg = self.config
         dense = linear_layers(cfg, self.dtype, self.mesh, self.int8_activations)
-        h = activation(cfg.activation_function)(dense(cfg.inner_dim, "c_fc")(x))
+        h = activation(cfg.activation_function)(dense(cfg.inner_dim, "c_fc")(x, norm))
         return dense(cfg.n_embd, "c_proj")(h)
 
 
@@ -320,13 +348,16 @@ class Block(LayerModule):
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         local = one_cpu(self.mesh)
-        norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, self.dtype, local, name=name)
+        epsilon = cfg.layer_norm_epsilon
+        norm = lambda name: LayerNorm(cfg.n_embd, epsilon, self.dtype, local, name=name)
         placement = (self.layer, self.past_block, self.mesh, self.int8_activations)
         attention = Attention(cfg, self.dtype, *placement, name="attn")
-        attn_out, new_kv = attention(norm("ln_1")(x), positions, new_visible, past, recent)
+        # The norms are handed to the layers that follow them, which take them in their own
+        # kernel call where they can.
+        attn_out, new_kv = attention(x, positions, new_visible, past, recent, norm("ln_1"))
         x = x + attn_out
         mlp = MLP(cfg, self.dtype, self.mesh, self.int8_activations, name="mlp")
-        x = x + mlp(norm("ln_2")(x))
+        x = x + mlp(x, norm("ln_2"))
         return x, new_kv
 
 
@@ -386,14 +417,14 @@ class GPTBigCode(nn.Module):
             last = x.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
             x = x[jnp.arange(x.shape[0]), last]  # [b, d]
 
-        x = LayerNorm(cfg.layer_norm_epsilon, self.dtype, local, name="ln_f")(x)
+        ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, self.dtype, local, name="ln_f")
         if cfg.tie_word_embeddings:  # the LM head is the token embedding
-            logits = wte.attend(x)
+            logits = wte.attend(x, ln_f)
         else:
             head = Linear(
                 cfg.vocab_size, self.dtype, False, cfg.quantized, local, rounds, name="lm_head"
             )
-            logits = head(x)
+            logits = head(x, ln_f)
         return logits.astype(jnp.float32), jnp.stack(new_kv)
 
 

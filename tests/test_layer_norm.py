@@ -32,11 +32,11 @@ def test_the_kernel_normalizes_as_numpy_does(m, k):
 def test_the_module_gives_the_same_norm_with_and_without_the_kernel():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 48)).astype(np.float32)
-    module = LayerNorm(1e-5, np.float32, one_cpu=True)
+    module = LayerNorm(x.shape[-1], 1e-5, np.float32, one_cpu=True)
     params = module.init(jax.random.PRNGKey(0), x)
     params = jax.tree.map(lambda p: p + rng.standard_normal(p.shape).astype(np.float32), params)
     kernel = np.asarray(module.apply(params, x))
-    xla = np.asarray(LayerNorm(1e-5, np.float32, one_cpu=False).apply(params, x))
+    xla = np.asarray(LayerNorm(x.shape[-1], 1e-5, np.float32, one_cpu=False).apply(params, x))
     np.testing.assert_allclose(kernel, xla, rtol=1e-5, atol=1e-5)
     p = params["params"]
     expected = _layer_norm(x, np.asarray(p["scale"]), np.asarray(p["bias"]), 1e-5)

@@ -227,6 +227,25 @@ def test_the_cpu_kernel_multiplies_as_numpy_does(m, k, n, int8_activations):
         np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
 
 
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "int8"])
+def test_the_kernel_takes_a_layer_norm_of_its_rows_as_the_norm_kernel_does(int8_activations):
+    """The norm taken in the product's own call gives the product of the norm kernel's rows,
+    to the bit (the same code normalises both); without it, the product of the raw rows."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 768)) * 4 + 2).astype(np.float32)
+    w = rng.integers(-127, 128, (300, 768)).astype(np.int8)
+    scale, bias = rng.random(300).astype(np.float32), rng.standard_normal(300).astype(np.float32)
+    norm_scale, norm_bias = rng.standard_normal((2, 768)).astype(np.float32)
+    product = functools.partial(cpu_kernels.int8_matmul, round_activations=int8_activations)
+    fused = jax.jit(lambda x, w, s, b, g, h: product(x, w, s, bias=b, norm=(g, h, 1e-5)))
+    got = np.asarray(fused(x, w, scale, bias, norm_scale, norm_bias))
+    normed = jax.jit(cpu_kernels.layer_norm, static_argnums=3)(x, norm_scale, norm_bias, 1e-5)
+    unfused = jax.jit(lambda x, w, s, b: product(x, w, s, bias=b))
+    np.testing.assert_array_equal(got, np.asarray(unfused(normed, w, scale, bias)))
+    raw = np.asarray(unfused(x, w, scale, bias))
+    assert np.abs(got - raw).max() > 1.0  # the norm was taken
+
+
 def test_the_kernel_is_right_when_called_from_several_threads_at_once():
     """The kernels' worker threads serve one call at a time; a call made meanwhile (XLA may
     run two at once, as may two engines in one process) runs on its own thread."""
@@ -260,6 +279,11 @@ def test_few_rows_on_one_cpu_device_go_to_the_kernel(tiny_mqa_dir):
     matrices = 5 * ckpt.config.n_layer + 1  # query, key/value, attention out, MLP in, out; head
     assert calls(runner, DECODE, 2) == matrices
     assert calls(runner, PREFILL, 32) == 1
+    # Each norm is taken in the products that follow it (query and key/value, MLP in, head):
+    # no call of its own; only the attention's and the MLP's outputs follow none.
+    lowered = runner.lower(DECODE, 2).as_text()
+    assert f"custom_call @{cpu_kernels.LAYER_NORM}(" not in lowered
+    assert lowered.count("epsilon = 0.000000e+00") == 2 * ckpt.config.n_layer
     ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("2x4"), quantize="int8")
     runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
     assert calls(runner, DECODE, 2) == 0
