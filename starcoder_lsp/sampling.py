@@ -39,6 +39,26 @@ class Sampling(NamedTuple):
         return Sampling(*(np.asarray(v)[rows] for v in self))
 
 
+# Vocabulary entries per chunk of `greedy`. XLA's CPU argmax over a vocabulary (a reduction
+# carrying value and index) took 290 µs for 49,152 logits, as long as 3% of a decode step;
+# a max over chunks of 128, then an argmax over the chunks' maxima and within the chosen
+# chunk, took 45 µs (64: 62 µs, 256: 46 µs, 512: 49 µs).
+GREEDY_CHUNK = 128
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """int32 [...]: the index of each row's largest logit, the first where several tie (as
+    jnp.argmax), for logits [..., vocab]."""
+    *lead, vocab = logits.shape
+    chunks = -(-vocab // GREEDY_CHUNK)
+    padding = [(0, 0)] * len(lead) + [(0, chunks * GREEDY_CHUNK - vocab)]
+    padded = jnp.pad(logits, padding, constant_values=-jnp.inf)
+    blocks = padded.reshape(*lead, chunks, GREEDY_CHUNK)
+    best = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # the first chunk holding the max
+    chunk = jnp.take_along_axis(blocks, best[..., None, None], axis=-2)[..., 0, :]
+    return (best * GREEDY_CHUNK + jnp.argmax(chunk, axis=-1)).astype(jnp.int32)
+
+
 def _filtered(logits: jax.Array, s: Sampling) -> jax.Array:
     """logits [b, vocab] divided by each row's temperature, -inf outside its top-k and top-p:
     the distribution a sampled row draws from, as logits."""
@@ -56,14 +76,14 @@ def _filtered(logits: jax.Array, s: Sampling) -> jax.Array:
 
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     """Next token per row: greedy where temperature is 0, else top-k/top-p sampling."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    top = greedy(logits)
 
     def sampled() -> jax.Array:
         return jax.random.categorical(key, _filtered(logits, s), axis=-1).astype(jnp.int32)
 
     # The sort over the vocabulary is skipped when every row is greedy.
-    chosen = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: greedy)
-    return jnp.where(s.temperature > 0, chosen, greedy)
+    chosen = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: top)
+    return jnp.where(s.temperature > 0, chosen, top)
 
 
 def distribution(logits: jax.Array, s: Sampling) -> jax.Array:
@@ -72,15 +92,15 @@ def distribution(logits: jax.Array, s: Sampling) -> jax.Array:
     b, t, vocab = logits.shape
     flat = logits.reshape(b * t, vocab).astype(jnp.float32)
     rows = Sampling(*(jnp.repeat(jnp.asarray(v), t) for v in s))
-    greedy = jax.nn.one_hot(jnp.argmax(flat, axis=-1), vocab, dtype=jnp.float32)
+    certain = jax.nn.one_hot(greedy(flat), vocab, dtype=jnp.float32)
 
     def sampled() -> jax.Array:
         filtered = jax.nn.softmax(_filtered(flat, rows), axis=-1)
-        return jnp.where((rows.temperature > 0)[:, None], filtered, greedy)
+        return jnp.where((rows.temperature > 0)[:, None], filtered, certain)
 
     # As in `sample`: the sort over the vocabulary, for each of the t positions, is skipped
     # when every row is greedy (it took longer than the model's step that verified them).
-    probs = jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda: greedy)
+    probs = jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda: certain)
     return probs.reshape(b, t, vocab)
 
 
@@ -121,8 +141,7 @@ def accept_drafts(
     total = jnp.sum(residual, axis=-1, keepdims=True)
     residual = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), p_next)
     drawn = jax.random.categorical(key_next, jnp.log(residual), axis=-1).astype(jnp.int32)
-    greedy = jnp.argmax(logits[rows, accepted], axis=-1).astype(jnp.int32)
-    return accepted, jnp.where(s.temperature > 0, drawn, greedy)
+    return accepted, jnp.where(s.temperature > 0, drawn, greedy(logits[rows, accepted]))
 
 
 def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
