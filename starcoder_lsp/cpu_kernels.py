@@ -12,9 +12,10 @@ bound by memory:
   a tenth of the memory speed (26 ms a step for tiny_starcoder_py at 7,600 cached positions,
   where reading them takes 2 ms). past_attention.cc reads each cached key and value once,
   and takes the new tokens' part of the attention too (eight small XLA programs a layer).
-- layer norms: XLA runs one of a decode row as five or six small programs of 2-4 µs each;
-  layer_norm.cc is one call, and where an int8 product follows the norm, int8_matmul.cc
-  takes the norm in the product's own call.
+- what comes around a product: XLA runs a decode row's layer norm as five or six small
+  programs of 2-4 µs each, and its GELU and each residual addition as one more each;
+  layer_norm.cc is one call, and an int8 product takes the norm before it, the activation
+  after it and the residual it is added to in its own call (int8_matmul.cc).
 
 They share threads of their own (workers.h), kept awake between the calls of a step. They
 are compiled here, on the machine that runs them (-march=native: the host's vector
@@ -47,7 +48,7 @@ SOURCES = tuple(
     KERNELS / name
     for name in ("int8_matmul.cc", "past_attention.cc", "layer_norm.cc", "workers.cc")
 )
-HEADERS = (KERNELS / "workers.h", KERNELS / "layer_norm.h")
+HEADERS = tuple(KERNELS / name for name in ("workers.h", "layer_norm.h", "vector_math.h"))
 INT8_MATMUL = "starcoder_int8_matmul"
 PAST_ATTENTION = "starcoder_past_attention"
 LAYER_NORM = "starcoder_layer_norm"
@@ -58,6 +59,8 @@ ENABLE_VARIABLE = "STARCODER_CPU_KERNELS"
 # rounding, and slower); "int8", the default, rounds them in groups of 64 where the CPU can.
 ACTIVATIONS_VARIABLE = "STARCODER_INT8_ACTIVATIONS"
 ACTIVATION_FORMS = ("int8", "float")
+# The activations an int8 product applies to its output itself (int8_matmul.cc's codes).
+KERNEL_ACTIVATIONS = {None: 0, "gelu_tanh": 1}
 
 
 def build(directory: Path = BUILD_DIR) -> Path:
@@ -181,11 +184,16 @@ def int8_matmul(
     round_activations: bool = False,
     bias: jax.Array | None = None,
     norm: tuple[jax.Array, jax.Array, float] | None = None,
+    activation: str | None = None,
+    residual: jax.Array | None = None,
 ) -> jax.Array:
-    """rows [M, K] · (weight [N, K] · scale [N])ᵀ (+ bias [N]) as float32 [M, N], on one CPU
-    device. round_activations: round each 64 values of a row to int8 with a scale of their
-    own, where the CPU can and K is a multiple of 64. norm: (scale [K], bias [K], epsilon) of
-    a layer norm the rows go through first, as `layer_norm`."""
+    """act(rows [M, K] · (weight [N, K] · scale [N])ᵀ (+ bias [N])) (+ residual [M, N]) as
+    float32 [M, N], on one CPU device. round_activations: round each 64 values of a row to
+    int8 with a scale of their own, where the CPU can and K is a multiple of 64. norm: (scale
+    [K], bias [K], epsilon) of a layer norm the rows go through first, as `layer_norm`.
+    activation: one of KERNEL_ACTIVATIONS ("gelu_tanh": jax.nn.gelu(approximate=True))."""
+    if activation not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"int8_matmul: activation {activation!r} is not one of ours")
     out = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(INT8_MATMUL, out, vmap_method="sequential")
     none = jnp.zeros((0,), jnp.float32)
@@ -197,8 +205,10 @@ def int8_matmul(
         none if bias is None else bias.astype(jnp.float32),
         norm_scale.astype(jnp.float32),
         norm_bias.astype(jnp.float32),
+        none if residual is None else residual.astype(jnp.float32),
         int8_activations=np.int64(round_activations),
         epsilon=np.float32(epsilon),
+        activation=np.int64(KERNEL_ACTIVATIONS[activation]),
     )
 
 

@@ -73,6 +73,9 @@ def project(x: jax.Array, weight: jax.Array) -> jax.Array:
 # sits in the CPU's cache (a decode step 1.2-1.35× faster than float32's; the kernel's, 2.2×).
 CPU_INT8_BLOCK = 128
 
+# The config's activations our int8 kernel applies to its output itself, by its name for them.
+KERNEL_ACTIVATIONS = {name: "gelu_tanh" for name, tanh in GELU_APPROXIMATE.items() if tanh}
+
 
 def int8_kernel_takes(x: jax.Array, quantized: bool, one_cpu: bool) -> bool:
     """Whether a product of x with a weight goes to our int8 kernel (`project_int8`): an int8
@@ -89,17 +92,29 @@ def project_int8(
     int8_activations: bool = False,
     bias: jax.Array | None = None,
     norm: LayerNorm | None = None,
+    activation_name: str | None = None,
+    residual: jax.Array | None = None,
 ) -> jax.Array:
-    """norm(x) [..., in] · (weight · scale)ᵀ (+ bias) for an int8 weight [out, in] with a
-    scale per row [out]: the scale is applied to the product, never to the weight, so the
-    weight is read as the int8 it is stored as. one_cpu: the weight is whole on one CPU device.
-    int8_activations: our CPU kernel rounds x to int8 too, in groups of 64 (cpu_kernels.py).
-    norm: a layer norm x goes through first; our kernel takes it in the same call."""
+    """act(norm(x) [..., in] · (weight · scale)ᵀ (+ bias)) (+ residual) for an int8 weight
+    [out, in] with a scale per row [out]: the scale is applied to the product, never to the
+    weight, so the weight is read as the int8 it is stored as. one_cpu: the weight is whole on
+    one CPU device. int8_activations: our CPU kernel rounds x to int8 too, in groups of 64
+    (cpu_kernels.py). norm: a layer norm x goes through first; activation_name: the config's
+    activation_function, applied to the output; residual [..., out]: added last. Our kernel
+    takes all three in the same call where it has the activation."""
     rows = x.reshape(-1, x.shape[-1])
+    shape = (*x.shape[:-1], weight.shape[0])
     if int8_kernel_takes(x, True, one_cpu):
         fused = None if norm is None else (norm.scale, norm.bias, norm.epsilon)
+        kernel_activation = KERNEL_ACTIVATIONS.get(activation_name)
+        if activation_name is None or kernel_activation is not None:
+            added = None if residual is None else residual.reshape(-1, weight.shape[0])
+            out = cpu_kernels.int8_matmul(
+                rows, weight, scale, int8_activations, bias, fused, kernel_activation, added
+            )
+            return out.astype(x.dtype).reshape(shape)
         out = cpu_kernels.int8_matmul(rows, weight, scale, int8_activations, bias, fused)
-        return out.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        return _after(out.astype(x.dtype).reshape(shape), activation_name, residual)
     if norm is not None:
         x = norm(x)
         rows = x.reshape(-1, x.shape[-1])
@@ -122,7 +137,13 @@ def project_int8(
     out = (out * scale).astype(x.dtype)
     if bias is not None:
         out = out + bias.astype(x.dtype)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _after(out.reshape(shape), activation_name, residual)
+
+
+def _after(out: jax.Array, activation_name: str | None, residual: jax.Array | None) -> jax.Array:
+    """act(out) + residual, either left out where None."""
+    out = out if activation_name is None else activation(activation_name)(out)
+    return out if residual is None else out + residual
 
 
 class Linear(nn.Module):
@@ -137,8 +158,15 @@ class Linear(nn.Module):
     int8_activations: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: LayerNorm | None = None) -> jax.Array:
-        """norm(x) · weightᵀ + bias; norm, a layer norm of x first (see `project_int8`)."""
+    def __call__(
+        self,
+        x: jax.Array,
+        norm: LayerNorm | None = None,
+        activation_name: str | None = None,
+        residual: jax.Array | None = None,
+    ) -> jax.Array:
+        """act(norm(x) · weightᵀ + bias) + residual; norm, activation_name and residual as
+        `project_int8` takes them, each left out where None."""
         shape = (self.features, x.shape[-1])
         x = x.astype(self.dtype)
         if self.quantized:
@@ -150,9 +178,10 @@ class Linear(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         if self.quantized:
-            return project_int8(x, weight, scale, self.one_cpu, self.int8_activations, bias, norm)
+            placement = (self.one_cpu, self.int8_activations)
+            return project_int8(x, weight, scale, *placement, bias, norm, activation_name, residual)
         out = project(x if norm is None else norm(x), weight)
-        return out if bias is None else out + bias
+        return _after(out if bias is None else out + bias, activation_name, residual)
 
 
 def linear_layers(
@@ -277,10 +306,12 @@ class Attention(LayerModule):
         past: PastKV,
         recent: jax.Array | None,
         norm: LayerNorm | None = None,
+        residual: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """norm(x) [b, s, d] → (output [b, s, d], new_kv [2, b, s, kv_heads, hd]). recent:
         this layer's keys and values of tokens decoded earlier in the call, [2, b, steps, kv,
-        hd]. norm: the layer norm the projections take x through (see `project_int8`)."""
+        hd]. norm: the layer norm the projections take x through; residual [b, s, d]: added
+        to the output (see `project_int8`)."""
         cfg = self.config
         batch, seq, _ = x.shape
         heads, kv_heads, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -318,7 +349,7 @@ class Attention(LayerModule):
         )
         out = out.astype(self.dtype).reshape(batch, kv_heads, seq, group, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads * hd)  # [b, s, heads·hd]
-        return dense(cfg.n_embd, "c_proj")(out), new_kv
+        return dense(cfg.n_embd, "c_proj")(out, residual=residual), new_kv
 
 
 class MLP(nn.Module):
@@ -328,12 +359,14 @@ class MLP(nn.Module):
     int8_activations: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: LayerNorm | None = None) -> jax.Array:
-        """norm(x) through the two layers (see `project_int8` for norm)."""
+    def __call__(
+        self, x: jax.Array, norm: LayerNorm | None = None, residual: jax.Array | None = None
+    ) -> jax.Array:
+        """norm(x) through the two layers, plus residual (see `project_int8`)."""
         cfg = self.config
         dense = linear_layers(cfg, self.dtype, self.mesh, self.int8_activations)
-        h = activation(cfg.activation_function)(dense(cfg.inner_dim, "c_fc")(x, norm))
-        return dense(cfg.n_embd, "c_proj")(h)
+        h = dense(cfg.inner_dim, "c_fc")(x, norm, cfg.activation_function)
+        return dense(cfg.n_embd, "c_proj")(h, residual=residual)
 
 
 class Block(LayerModule):
@@ -352,13 +385,11 @@ class Block(LayerModule):
         norm = lambda name: LayerNorm(cfg.n_embd, epsilon, self.dtype, local, name=name)
         placement = (self.layer, self.past_block, self.mesh, self.int8_activations)
         attention = Attention(cfg, self.dtype, *placement, name="attn")
-        # The norms are handed to the layers that follow them, which take them in their own
-        # kernel call where they can.
-        attn_out, new_kv = attention(x, positions, new_visible, past, recent, norm("ln_1"))
-        x = x + attn_out
+        # The norms and the residual adds are handed to the products next to them, which take
+        # them in their own kernel call where they can.
+        x, new_kv = attention(x, positions, new_visible, past, recent, norm("ln_1"), residual=x)
         mlp = MLP(cfg, self.dtype, self.mesh, self.int8_activations, name="mlp")
-        x = x + mlp(x, norm("ln_2"))
-        return x, new_kv
+        return mlp(x, norm("ln_2"), residual=x), new_kv
 
 
 class GPTBigCode(nn.Module):

@@ -4,6 +4,7 @@ quantized checkpoints on meshes."""
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -246,6 +247,36 @@ def test_the_kernel_takes_a_layer_norm_of_its_rows_as_the_norm_kernel_does(int8_
     assert np.abs(got - raw).max() > 1.0  # the norm was taken
 
 
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "int8"])
+def test_the_kernel_applies_gelu_and_adds_the_residual_as_xla_would(int8_activations):
+    """GELU (tanh's approximation) on the product and a residual added after it, in the
+    kernel's call: as jax.nn.gelu(approximate=True) and an addition on the kernel's plain
+    product, within float32 rounding, over a range where GELU curves and where e^2u would
+    overflow; an output width that no vector divides (a masked tail)."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    w = rng.integers(-127, 128, (1000, 128)).astype(np.int8)
+    scale = (rng.random(1000) * 0.02).astype(np.float32)
+    bias = rng.standard_normal(1000).astype(np.float32)
+    scale[:8] = 50.0  # outputs in the hundreds, where the tanh saturates
+    residual = rng.standard_normal((3, 1000)).astype(np.float32)
+    product = functools.partial(cpu_kernels.int8_matmul, round_activations=int8_activations)
+    plain = np.asarray(jax.jit(lambda *a: product(*a[:3], bias=a[3]))(x, w, scale, bias))
+    assert np.abs(plain).max() > 100 and (plain < -3).any()
+    fused = jax.jit(lambda *a: product(*a[:3], bias=a[3], activation="gelu_tanh"))
+    got = np.asarray(fused(x, w, scale, bias))
+    expected = np.asarray(jax.nn.gelu(plain, approximate=True))
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+    added = jax.jit(lambda *a: product(*a[:3], bias=a[3], residual=a[4]))
+    np.testing.assert_array_equal(np.asarray(added(x, w, scale, bias, residual)), plain + residual)
+    both = jax.jit(lambda *a: product(*a[:3], bias=a[3], activation="gelu_tanh", residual=a[4]))
+    np.testing.assert_allclose(
+        np.asarray(both(x, w, scale, bias, residual)), expected + residual, rtol=2e-6, atol=2e-6
+    )
+    with pytest.raises(ValueError, match="relu"):
+        product(x, w, scale, activation="relu")
+
+
 def test_the_kernel_is_right_when_called_from_several_threads_at_once():
     """The kernels' worker threads serve one call at a time; a call made meanwhile (XLA may
     run two at once, as may two engines in one process) runs on its own thread."""
@@ -284,6 +315,13 @@ def test_few_rows_on_one_cpu_device_go_to_the_kernel(tiny_mqa_dir):
     lowered = runner.lower(DECODE, 2).as_text()
     assert f"custom_call @{cpu_kernels.LAYER_NORM}(" not in lowered
     assert lowered.count("epsilon = 0.000000e+00") == 2 * ckpt.config.n_layer
+    # The MLP's activation is taken in its first product, and both residual adds in the
+    # products before them: the step has no GELU (tanh), and its only [b, 1, d] addition
+    # is the position embedding's.
+    assert lowered.count("activation = 1 : i64") == ckpt.config.n_layer
+    assert "tanh" not in lowered
+    adds = re.findall(rf"stablehlo.add .*tensor<2x1x{ckpt.config.n_embd}xf32>", lowered)
+    assert ckpt.config.learned_positions and len(adds) == 1
     ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("2x4"), quantize="int8")
     runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
     assert calls(runner, DECODE, 2) == 0

@@ -1,10 +1,11 @@
-// y[m, n] = (x[m, :] · w[n, :]) * scale[n] + bias[n]: a float32 activation [M, K] against an
-// int8 weight [N, K] with a float32 scale per output row (and a bias, or none), for the few
-// rows of a decode or verify step (M ≤ 16), as an XLA FFI custom call on CPU. The bias is
-// added here because XLA runs its addition as a program of its own, a few µs each, five a
-// layer; and where the product follows a layer norm, the norm of x is taken here too
-// (norm_scale and norm_bias [K], else [0]), which saves a call of its own (5-6 µs) for each
-// of a step's 41 norms.
+// y[m, n] = act((x[m, :] · w[n, :]) * scale[n] + bias[n]) + residual[m, n]: a float32
+// activation [M, K] against an int8 weight [N, K] with a float32 scale per output row (and a
+// bias, or none), for the few rows of a decode or verify step (M ≤ 16), as an XLA FFI custom
+// call on CPU. What comes around the product is taken here because XLA runs each as a program
+// of its own, 2-5 µs apiece, about seven a layer: the bias; the layer norm that precedes the
+// product (norm_scale and norm_bias [K], else [0]); the activation that follows it (attribute
+// activation: 0 none, 1 GELU with tanh's approximation); and the residual the output is added
+// to (residual [M, N], else [0]).
 //
 // Why a kernel of our own: a decode step is bound by reading the weights once, and XLA's CPU
 // dot of an int8 weight runs 6-7× slower per element than float32's (it does not stream the
@@ -27,6 +28,7 @@
 // 8 GB/s on that Xeon, and the hardware prefetcher does not keep two cores' reads in flight.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -39,6 +41,7 @@
 #endif
 
 #include "layer_norm.h"
+#include "vector_math.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -54,6 +57,9 @@ namespace {
 constexpr int64_t kBlockBytes = 192 * 1024;
 // Activation values per int8 scale: one vector of 64 bytes.
 constexpr int64_t kGroup = 64;
+// The activation attribute's values.
+constexpr int64_t kNoActivation = 0;
+constexpr int64_t kGeluTanh = 1;
 // How far ahead of its loads a thread prefetches the weights (bytes). On a 2-core Xeon,
 // reading a 150 MB int8 matrix as the int8 form does: 11-13 GB/s with no prefetch, 18-19
 // with 2 KiB ahead, 19-20 with 4 or 8 KiB.
@@ -66,6 +72,8 @@ struct Problem {
   const float* bias;  // [N], or null
   float* y;
   int64_t m, k, n;
+  int64_t activation = kNoActivation;
+  const float* residual = nullptr;  // [M, N], or null
   // The int8 form: x as uint8 (each value + 128) [M, K] and a scale per group [M, K / 64].
   const uint8_t* xq = nullptr;
   const float* xs = nullptr;
@@ -190,6 +198,34 @@ void RowsInt8(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
 }
 #endif
 
+// The activation and the residual, on every row's outputs [n0, n1), once the block's
+// products are in y (still in the thread's cache).
+void Finish(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.activation == kNoActivation && p.residual == nullptr) return;
+  for (int64_t m = 0; m < p.m; ++m) {
+    float* y = p.y + m * p.n;
+    const float* residual = p.residual ? p.residual + m * p.n : nullptr;
+    int64_t n = n0;
+#ifdef STARCODER_AVX512
+    for (; n < n1; n += 16) {
+      const __mmask16 lanes =
+          static_cast<__mmask16>(n1 - n >= 16 ? 0xffff : (1u << (n1 - n)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(lanes, y + n);
+      if (p.activation == kGeluTanh) v = starcoder::GeluTanh(v);
+      if (residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, residual + n));
+      _mm512_mask_storeu_ps(y + n, lanes, v);
+    }
+#endif
+    for (; n < n1; ++n) {
+      float v = y[n];
+      if (p.activation == kGeluTanh) {
+        v = 0.5f * v * (1.0f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
+      }
+      y[n] = residual ? v + residual[n] : v;
+    }
+  }
+}
+
 // Every activation row against weight rows [n0, n1), in groups of up to 8 rows.
 template <template <int> class Form>
 void BlockOf(const Problem& p, int64_t n0, int64_t n1) {
@@ -240,24 +276,30 @@ void Multiply(Problem p, bool int8_activations) {
   const int64_t blocks = threads * std::max<int64_t>(1, (p.n * p.k + turn - 1) / turn);
   const int64_t rows = (p.n + blocks - 1) / blocks;
   starcoder::Parallel((p.n + rows - 1) / rows, [&p, block, rows](int64_t b) {
-    const int64_t n0 = b * rows;
-    block(p, n0, std::min(p.n, n0 + rows));
+    const int64_t n0 = b * rows, n1 = std::min(p.n, n0 + rows);
+    block(p, n0, n1);
+    Finish(p, n0, n1);
   });
 }
 
 ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> norm_scale,
-                      ffi::Buffer<ffi::F32> norm_bias, ffi::ResultBuffer<ffi::F32> y,
-                      int64_t int8_activations, float epsilon) {
+                      ffi::Buffer<ffi::F32> norm_bias, ffi::Buffer<ffi::F32> residual,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t int8_activations, float epsilon,
+                      int64_t activation) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const int64_t norm = norm_scale.element_count();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || scale.element_count() != wd[0] ||
       (bias.element_count() != 0 && bias.element_count() != wd[0]) ||
-      (norm != 0 && norm != xd[1]) || norm_bias.element_count() != norm) {
+      (norm != 0 && norm != xd[1]) || norm_bias.element_count() != norm ||
+      (residual.element_count() != 0 && residual.element_count() != xd[0] * wd[0])) {
     return ffi::Error::InvalidArgument(
-        "int8_matmul: x [M, K], w [N, K], scale [N], bias [N] or [0], and norm scale and bias "
-        "[K] or [0] expected");
+        "int8_matmul: x [M, K], w [N, K], scale [N], bias [N] or [0], norm scale and bias [K] "
+        "or [0], and residual [M, N] or [0] expected");
+  }
+  if (activation != kNoActivation && activation != kGeluTanh) {
+    return ffi::Error::InvalidArgument("int8_matmul: activation 0 (none) or 1 (GELU, tanh)");
   }
   const float* rows = x.typed_data();
   std::vector<float> normalized;
@@ -268,7 +310,9 @@ ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buff
     rows = normalized.data();
   }
   const float* added = bias.element_count() != 0 ? bias.typed_data() : nullptr;
-  Multiply({rows, w.typed_data(), scale.typed_data(), added, y->typed_data(), xd[0], xd[1], wd[0]},
+  const float* residual_rows = residual.element_count() != 0 ? residual.typed_data() : nullptr;
+  Multiply({rows, w.typed_data(), scale.typed_data(), added, y->typed_data(), xd[0], xd[1], wd[0],
+            activation, residual_rows},
            int8_activations != 0);
   return ffi::Error::Success();
 }
@@ -293,6 +337,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StarcoderInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // norm scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // norm bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("int8_activations")
-                                  .Attr<float>("epsilon"));
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("activation"));

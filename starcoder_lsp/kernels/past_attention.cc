@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "vector_math.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,6 +40,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using starcoder::Exp;
+
 // Cached positions per task: enough that a task's cost dwarfs taking it, few enough that two
 // threads share a context of 1,000 positions.
 constexpr int64_t kSpan = 256;
@@ -46,25 +49,6 @@ constexpr int64_t kSpan = 256;
 constexpr int64_t kMinSpan = 64;
 // As attention.py's MASKED: finite, so that a row that sees nothing has a zero sum, not NaN.
 constexpr float kMasked = std::numeric_limits<float>::lowest();
-
-// exp(x) for 16 lanes: 2^n · p(f), n = round(x · log2 e), f = x - n · ln 2 (in two parts, for
-// accuracy), p a degree-6 polynomial (relative error about 2e-7); scalef applies 2^n and gives
-// 0 where n is very negative (a masked score).
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // r[i][j] becomes r[j][i]: a 16 × 16 block of floats transposed in registers.
 inline void Transpose16(__m512 r[16]) {
