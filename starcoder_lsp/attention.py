@@ -98,11 +98,14 @@ def attend(
     window: int | None = None,
     past_block: int = PAST_BLOCK,
     mesh: Mesh | None = None,
+    scale: float = 1.0,
 ) -> jax.Array:
     """Softmax attention over the new tokens' keys, then over the cached keys block by block.
 
-    q: [b, kv, seq·group, hd], already scaled; new: (keys, values) [b, t, kv, hd] of the
-    new tokens (t = seq, or more where keys decoded earlier in the same call come first);
+    q: [b, kv, seq·group, hd], to be multiplied by `scale` (our CPU kernel does it in its own
+    call, where XLA's multiplication is a program of its own); new: (keys, values) [b, t, kv,
+    hd] of the new tokens (t = seq, or more where keys decoded earlier in the same call come
+    first);
     new_visible: bool [b, seq, t]; positions: int32 [b, seq], the queries' positions;
     window: a query sees the keys of the `window` positions up to its own, none before (None:
     all). Returns float32 [b, kv, seq·group, hd].
@@ -118,8 +121,9 @@ def attend(
     if past.kv.shape[3] and _kernel_reads(q, seq, past, mesh):
         row = jnp.arange(q.shape[0]) if past.row is None else past.row
         return cpu_kernels.attention(
-            q, new, new_visible, past.kv, row, past.length, positions, layer, window
+            q, new, new_visible, past.kv, row, past.length, positions, layer, window, scale
         )
+    q = q * jnp.asarray(scale, q.dtype)
     state = new_tokens_state(q, new, new_visible)
     if past.kv.shape[3]:
         size = min(past_block, past.kv.shape[3])

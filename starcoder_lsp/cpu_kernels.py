@@ -222,13 +222,14 @@ def attention(
     positions: jax.Array,
     layer: int,
     window: int | None,
+    scale: float = 1.0,
 ) -> jax.Array:
-    """The attention of q [b, kv, R, hd] (scaled; R = seq · group, new token r // group) over
-    the new tokens' keys and values new [b, t, kv, hd] that new_visible [b, seq, t] lets each
-    see, and over the float32 cache [layers, 2, rows, time, kv, hd]: batch row i reads cache
-    row `row[i]`, positions below `length[i]` (within `window` of its query's position in
-    `positions` [b, seq]). Returns float32 [b, kv, R, hd], as attention.attend; zeros for a
-    query row that sees no key."""
+    """The attention of q [b, kv, R, hd] (R = seq · group, new token r // group), multiplied
+    by `scale` first, over the new tokens' keys and values new [b, t, kv, hd] that new_visible
+    [b, seq, t] lets each see, and over the float32 cache [layers, 2, rows, time, kv, hd]:
+    batch row i reads cache row `row[i]`, positions below `length[i]` (within `window` of its
+    query's position in `positions` [b, seq]). Returns float32 [b, kv, R, hd], as
+    attention.attend; zeros for a query row that sees no key."""
     b, kv, rows, hd = q.shape
     shape = jax.ShapeDtypeStruct((b, kv, rows, hd), jnp.float32)
     call = jax.ffi.ffi_call(PAST_ATTENTION, shape, vmap_method="sequential")
@@ -243,4 +244,5 @@ def attention(
         positions.astype(jnp.int32),
         layer=np.int64(layer),
         window=np.int64(window or 0),
+        scale=np.float32(scale),
     )

@@ -327,8 +327,6 @@ class Attention(LayerModule):
             q, keys = rotate(q, positions, cfg.rope_theta), rotate(keys, positions, cfg.rope_theta)
         new_kv = jnp.stack([keys, values]).astype(past.kv.dtype)  # [2, b, s, kv_heads, hd]
 
-        scale = hd**-0.5 if cfg.scale_attn_weights else 1.0
-        q = q * jnp.asarray(scale, q.dtype)
         # Queries of all heads sharing a key/value head form one matrix: with MQA the scores
         # of a row are a single [seq·heads, hd] × [hd, time] product.
         q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, seq * group, hd)
@@ -346,6 +344,7 @@ class Attention(LayerModule):
             window=cfg.sliding_window,
             past_block=self.past_block,
             mesh=self.mesh,
+            scale=hd**-0.5 if cfg.scale_attn_weights else 1.0,
         )
         out = out.astype(self.dtype).reshape(batch, kv_heads, seq, group, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads * hd)  # [b, s, heads·hd]

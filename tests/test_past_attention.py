@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(
 def test_the_kernel_attends_as_the_loop_does(kv, hd, seq, group, window):
     """Rows of several lengths (one empty, one not a multiple of the kernel's span), picking
     cache rows out of order, with two keys decoded earlier in the call before the new tokens'
-    own (each token sees those and the new ones up to itself): as attend's loop, normalised."""
+    own (each token sees those and the new ones up to itself), the queries scaled in the
+    kernel: as attend's loop on the scaled queries, normalised."""
     rng = np.random.default_rng(hd + seq)
     layers, cache_rows, time = 3, 5, 1100
     cache = jnp.asarray(rng.standard_normal((layers, 2, cache_rows, time, kv, hd), np.float32))
@@ -38,14 +39,15 @@ def test_the_kernel_attends_as_the_loop_does(kv, hd, seq, group, window):
     b, t = len(length), seq + 2
     row = jnp.asarray(rng.permutation(cache_rows)[:b].astype(np.int32))
     positions = length[:, None] + jnp.arange(seq, dtype=jnp.int32)
-    q = jnp.asarray(rng.standard_normal((b, kv, seq * group, hd), np.float32)) * 0.3
+    unscaled = jnp.asarray(rng.standard_normal((b, kv, seq * group, hd), np.float32))
+    q = unscaled * 0.3
     new = tuple(jnp.asarray(rng.standard_normal((b, t, kv, hd)), jnp.float32) for _ in "kv")
     visible = jnp.broadcast_to(jnp.arange(t)[None, :] <= jnp.arange(seq)[:, None] + 2, (b, seq, t))
     past = PastKV(cache, length, row)
     state = new_tokens_state(q, new, visible)
     _, total, out = _attend_past(q, past, state, positions, layer=1, size=256, window=window)
-    kernel = jax.jit(cpu_kernels.attention, static_argnames=("layer", "window"))(
-        q, new, visible, cache, row, length, positions, layer=1, window=window
+    kernel = jax.jit(cpu_kernels.attention, static_argnames=("layer", "window", "scale"))(
+        unscaled, new, visible, cache, row, length, positions, layer=1, window=window, scale=0.3
     )
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(out / total), rtol=2e-5, atol=2e-5)
 
@@ -75,6 +77,9 @@ def test_decode_steps_on_one_cpu_device_read_the_cache_with_the_kernel(tiny_mqa_
     ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("1x1"))
     runner = Runner.from_checkpoint(ckpt, slots=2, chunks=(8, 32), batches=(1, 2))
     assert calls(runner, DECODE, 1) == calls(runner, DECODE, 2) == ckpt.config.n_layer
+    # The kernel scales the queries itself (no multiplication of XLA's before it).
+    scale = f"scale = {ckpt.config.head_dim**-0.5:e} : f32"
+    assert runner.lower(DECODE, 1).as_text().count(scale) == ckpt.config.n_layer
     assert calls(runner, PREFILL, 32) == 0  # 32 new tokens: a prefill chunk
     assert calls(runner, PREFILL, 8) == ckpt.config.n_layer  # as few as a verify step has
     ckpt = checkpoint.load(tiny_mqa_dir, sharding.make_mesh("2x4"))
