@@ -285,13 +285,17 @@ void NewTokens(const Problem& p, int64_t b, int64_t h, float* state) {
       top = std::max(top, scores[j]);
     }
     float* out = state + r * width;
-    std::fill(out, out + hd, 0.0f);
+    for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(out + d, _mm512_setzero_ps());
     float sum = 0.0f;
     for (int64_t j = 0; j < t; ++j) {
       if (!sees[j]) continue;
       const float weight = std::exp(scores[j] - top);
+      const __m512 w = _mm512_set1_ps(weight);
       const float* value = p.new_values + ((b * t + j) * p.kv + h) * hd;
-      for (int64_t d = 0; d < hd; ++d) out[d] += weight * value[d];
+      for (int64_t d = 0; d < hd; d += 16) {
+        _mm512_storeu_ps(out + d,
+                         _mm512_fmadd_ps(w, _mm512_loadu_ps(value + d), _mm512_loadu_ps(out + d)));
+      }
       sum += weight;
     }
     out[hd] = top;
@@ -379,14 +383,20 @@ ffi::Error PastAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> new_keys
           if (part_sum == 0.0f) continue;  // nothing visible in this span
           const float m_new = std::max(m, part_top);
           const float keep = std::exp(m - m_new), add = std::exp(part_top - m_new);
-          for (int64_t d = 0; d < p.hd; ++d) o[d] = o[d] * keep + part[d] * add;
+          const __m512 keep_v = _mm512_set1_ps(keep), add_v = _mm512_set1_ps(add);
+          for (int64_t d = 0; d < p.hd; d += 16) {
+            const __m512 kept = _mm512_mul_ps(_mm512_loadu_ps(o + d), keep_v);
+            _mm512_storeu_ps(o + d, _mm512_fmadd_ps(_mm512_loadu_ps(part + d), add_v, kept));
+          }
           s = s * keep + part_sum * add;
           m = m_new;
         }
         // A row that sees nothing (padding) gets zeros rather than 0 / 0.
-        const float inverse = s > 0.0f ? 1.0f / s : 0.0f;
+        const __m512 inverse_v = _mm512_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
         float* written = out_out + ((b * p.kv + h) * p.rows + r) * p.hd;
-        for (int64_t d = 0; d < p.hd; ++d) written[d] = o[d] * inverse;
+        for (int64_t d = 0; d < p.hd; d += 16) {
+          _mm512_storeu_ps(written + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), inverse_v));
+        }
       }
     }
   }
