@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from starcoder_lsp.sampling import GREEDY_CHUNK, Sampling, greedy, sample
+from starcoder_lsp.sampling import GREEDY_SLICES, Sampling, greedy, sample
 
 
 def test_sample_greedy_top_k_top_p():
@@ -35,7 +35,7 @@ def test_select_takes_rows_in_the_order_given():
     assert s.select(slice(1, 3)).top_p.tolist() == pytest.approx([0.5, 0.6])
 
 
-@pytest.mark.parametrize("vocab", [7, GREEDY_CHUNK, 1000, 49152])
+@pytest.mark.parametrize("vocab", [7, GREEDY_SLICES, 1000, 49152])
 def test_greedy_is_argmax_and_takes_the_first_of_ties(vocab):
     rng = np.random.default_rng(vocab)
     logits = rng.standard_normal((3, 2, vocab)).astype(np.float32)
