@@ -110,6 +110,7 @@ class Runner:
         self.draft_distributions = draft_distributions
         self.steps_with_probs = steps_with_probs
         self.config, self.params, self.mesh, self.dtype = config, params, mesh, jnp.dtype(dtype)
+        self._flat: tuple[dict, steps.ParamTree, tuple[jax.Array, ...]] | None = None
         # Decided here, not when a program is traced: a bad setting is refused when the runner
         # is made, and a runner's programs keep the form they were made with.
         if int8_activations is None:
@@ -285,11 +286,18 @@ class Runner:
         size = _bucket(self.batches, n)
         return Sampling(*(np.concatenate([v, np.repeat(v[:1], size - n)]) for v in sampling))
 
+    def _params(self) -> tuple[steps.ParamTree, tuple[jax.Array, ...]]:
+        """The parameters as the steps take them (steps.ParamTree), flattened once per tree."""
+        if self._flat is None or self._flat[0] is not self.params:
+            leaves = tuple(jax.tree_util.tree_leaves(self.params))
+            self._flat = (self.params, steps.ParamTree(self.params), leaves)
+        return self._flat[1], self._flat[2]
+
     def _step(self, cache: jax.Array, rows: StepRows) -> tuple[jax.Array, jax.Array]:
         # The small host arrays go to the programs as they are: jit places them itself for
         # about 10 µs each, where jax.device_put took 100-180 µs each from Python (4% of a
         # batch-1 decode step for the five of them).
-        logits, new_kv = steps.forward(self.model, self.params, cache, rows)
+        logits, new_kv = steps.forward(self.model, *self._params(), cache, rows)
         return logits, steps.write(cache, new_kv, rows.positions, rows.valid, rows.slots)
 
     def _verify(
@@ -302,7 +310,7 @@ class Runner:
         key: jax.Array,
     ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
         accepted, following, new_kv = steps.verify(
-            self.model, self.params, cache, rows, counts, draft_probs, sampling, key
+            self.model, *self._params(), cache, rows, counts, draft_probs, sampling, key
         )
         cache = steps.write(cache, new_kv, rows.positions, rows.valid, rows.slots)
         return steps.to_host(accepted), steps.to_host(following), cache
@@ -317,7 +325,7 @@ class Runner:
     ) -> tuple[np.ndarray, np.ndarray | None, jax.Array]:
         count, with_probs = count or self.steps_per_call, self.steps_with_probs
         args = (cache, rows, sampling, key, count, with_probs)
-        out, recent, probs = steps.decode_steps(self.model, self.params, *args)
+        out, recent, probs = steps.decode_steps(self.model, *self._params(), *args)
         at = rows.positions[:, None] + np.arange(count, dtype=np.int32)
         valid = rows.valid[:, None] & (at < self.max_len)
         probs = None if probs is None else steps.to_host(probs)
@@ -398,12 +406,12 @@ class Runner:
         sampling, key = Sampling.rows(1.0, 0.9, 5, batch=size), jax.random.PRNGKey(0)
         if kind in (MULTI_STEP, ONE_DRAFT):
             args = (cache, rows, sampling, key, self._step_count(kind), self.steps_with_probs)
-            return steps.decode_steps.lower(self.model, self.params, *args)
+            return steps.decode_steps.lower(self.model, *self._params(), *args)
         if kind == VERIFY:
             counts, probs = np.zeros(size, np.int32), self._idle_draft_probs(size)
             args = (cache, rows, counts, probs, sampling, key)
-            return steps.verify.lower(self.model, self.params, *args)
-        return steps.forward.lower(self.model, self.params, cache, rows)
+            return steps.verify.lower(self.model, *self._params(), *args)
+        return steps.forward.lower(self.model, *self._params(), cache, rows)
 
     def _step_count(self, kind: str) -> int:
         """Decode steps per call of a multi-step kind."""

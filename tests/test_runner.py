@@ -44,6 +44,19 @@ def test_no_compilation_after_warmup(ckpt):
     assert compilations() == compiled
 
 
+def test_a_second_runner_on_the_checkpoint_reuses_the_first_ones_programs(ckpt):
+    # The steps take the parameters' tree as a static argument (steps.ParamTree): equal
+    # trees must hit jit's cache, or every runner would trace and compile its shapes anew.
+    first = Runner.from_checkpoint(ckpt, chunks=(8,), batches=(1,))
+    cache = first.warmup()
+    compiled = compilations()
+    second = Runner.from_checkpoint(ckpt, chunks=(8,), batches=(1,))
+    expected, cache = first.decode(cache, [0], [5], [0])
+    logits, _ = second.decode(cache, [0], [5], [0])
+    assert compilations() == compiled
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
+
+
 def test_prefill_in_chunks_equals_one_pass(ckpt):
     prompt = np.random.default_rng(5).integers(20, ckpt.config.vocab_size, 37).tolist()
     results = {}
