@@ -268,7 +268,6 @@ void Span(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, float*
 void NewTokens(const Problem& p, int64_t b, int64_t h, float* state) {
   const int64_t hd = p.hd, width = hd + 2, t = p.new_count;
   std::vector<float> scores(t);
-  const __m512 scale = _mm512_set1_ps(p.scale);
   for (int64_t r = 0; r < p.rows; ++r) {
     const float* q = p.q + ((b * p.kv + h) * p.rows + r) * hd;
     const int8_t* sees = p.visible + (b * p.seq + r / p.group) * t;
@@ -278,10 +277,9 @@ void NewTokens(const Problem& p, int64_t b, int64_t h, float* state) {
       const float* key = p.new_keys + ((b * t + j) * p.kv + h) * hd;
       __m512 dot = _mm512_setzero_ps();
       for (int64_t d = 0; d < hd; d += 16) {
-        const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(q + d), scale);
-        dot = _mm512_fmadd_ps(scaled, _mm512_loadu_ps(key + d), dot);
+        dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(key + d), dot);
       }
-      scores[j] = _mm512_reduce_add_ps(dot);
+      scores[j] = _mm512_reduce_add_ps(dot) * p.scale;
       top = std::max(top, scores[j]);
     }
     float* out = state + r * width;
