@@ -107,14 +107,15 @@ def project_int8(
     if int8_kernel_takes(x, True, one_cpu):
         fused = None if norm is None else (norm.scale, norm.bias, norm.epsilon)
         kernel_activation = KERNEL_ACTIVATIONS.get(activation_name)
-        if activation_name is None or kernel_activation is not None:
-            added = None if residual is None else residual.reshape(-1, weight.shape[0])
-            out = cpu_kernels.int8_matmul(
-                rows, weight, scale, int8_activations, bias, fused, kernel_activation, added
-            )
-            return out.astype(x.dtype).reshape(shape)
-        out = cpu_kernels.int8_matmul(rows, weight, scale, int8_activations, bias, fused)
-        return _after(out.astype(x.dtype).reshape(shape), activation_name, residual)
+        # An activation the kernel lacks is applied after it, and the residual after that.
+        in_kernel = activation_name is None or kernel_activation is not None
+        adds_residual = in_kernel and residual is not None
+        added = residual.reshape(-1, weight.shape[0]) if adds_residual else None
+        out = cpu_kernels.int8_matmul(
+            rows, weight, scale, int8_activations, bias, fused, kernel_activation, added
+        )
+        out = out.astype(x.dtype).reshape(shape)
+        return out if in_kernel else _after(out, activation_name, residual)
     if norm is not None:
         x = norm(x)
         rows = x.reshape(-1, x.shape[-1])

@@ -20,7 +20,7 @@ from starcoder_lsp import checkpoint, cpu_kernels, sharding
 from starcoder_lsp.bench import weight_bytes
 from starcoder_lsp.errors import CheckpointError
 from starcoder_lsp.factory import ModelOptions
-from starcoder_lsp.model import GPTBigCode, empty_past
+from starcoder_lsp.model import GPTBigCode, empty_past, project_int8
 from starcoder_lsp.quantize import dequantize_rows, quantize_checkpoint, quantize_rows
 from starcoder_lsp.runner import DECODE, PREFILL, Runner
 
@@ -275,6 +275,30 @@ def test_the_kernel_applies_gelu_and_adds_the_residual_as_xla_would(int8_activat
     )
     with pytest.raises(ValueError, match="relu"):
         product(x, w, scale, activation="relu")
+
+
+@pytest.mark.parametrize("name", [None, "gelu_pytorch_tanh", "gelu", "relu"])
+def test_a_product_with_its_activation_and_residual_agrees_in_and_out_of_the_kernel(name):
+    """project_int8 on one CPU device (our kernel, which applies the tanh GELU itself and
+    leaves other activations, then the residual, to XLA) against XLA's form of the same
+    product: the activation and the residual each applied once, in that order."""
+    if not cpu_kernels.has_int8_matmul():
+        pytest.skip("no C++ compiler: the int8 kernel is not built")
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((1, 2, 128)).astype(np.float32)
+    w = rng.integers(-127, 128, (96, 128)).astype(np.int8)
+    scale = (rng.random(96) * 0.02).astype(np.float32)
+    bias = rng.standard_normal(96).astype(np.float32)
+    residual = rng.standard_normal((1, 2, 96)).astype(np.float32)
+    product = jax.jit(
+        lambda one_cpu, *a: project_int8(*a[:3], one_cpu, False, a[3], None, name, a[4]),
+        static_argnums=0,
+    )
+    kernel = np.asarray(product(True, x, w, scale, bias, residual))
+    xla = np.asarray(product(False, x, w, scale, bias, residual))
+    np.testing.assert_allclose(kernel, xla, rtol=1e-5, atol=1e-5)
+    without = np.asarray(product(True, x, w, scale, bias, np.zeros_like(residual)))
+    np.testing.assert_allclose(kernel - without, residual, rtol=1e-5, atol=1e-5)
 
 
 def test_the_kernel_is_right_when_called_from_several_threads_at_once():
