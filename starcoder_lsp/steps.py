@@ -167,8 +167,8 @@ def verify(
     keep the drafts the model agrees with (sampling.accept_drafts). Returns (accepted [b],
     the model's next token [b], new keys and values [layers, 2, b, 1 + k, kv_heads, hd])."""
     past = _past(cache, rows, rows.positions[:, 0])
-    params = {"params": tree.unflatten(leaves)}
-    logits, new_kv = model.apply(params, rows.tokens, rows.positions, rows.valid, past)
+    variables = {"params": tree.unflatten(leaves)}
+    logits, new_kv = model.apply(variables, rows.tokens, rows.positions, rows.valid, past)
     drafts = rows.tokens[:, 1:]
     accepted, following = accept_drafts(logits, drafts, counts, draft_probs, sampling, key)
     return _in_order(accepted, rows), _in_order(following, rows), new_kv
